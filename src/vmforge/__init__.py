@@ -1,0 +1,40 @@
+"""vmforge: virtual machine images, read and written in Python.
+
+The API mirrors the CLI::
+
+    import vmforge
+    vmforge.create("base.qcow2", "qcow2", 10 << 30)
+    with vmforge.open_image("base.qcow2") as img:
+        print(img.format, img.virtual_size)
+        for ext in img.iter_extents():
+            ...
+        head = img.read(0, 512)
+    vmforge.convert("disk.raw", "disk.qcow2", "qcow2", compress=True,
+                    progress=lambda done, total: ...)
+"""
+
+from __future__ import annotations
+
+from .engine.copy import CopyStats
+from .errors import VmforgeError
+from .model import Extent, ExtentKind, human_size, parse_size
+from .model.check import CheckResult
+from .model.info import ImageInfo, SnapshotInfo
+from .ops import (
+    CompareResult,
+    Image,
+    check,
+    compare,
+    convert,
+    create,
+    measure,
+    open_image,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckResult", "CompareResult", "CopyStats", "Extent", "ExtentKind", "Image", "ImageInfo",
+    "SnapshotInfo", "VmforgeError", "check", "compare", "convert", "create", "human_size",
+    "measure", "open_image", "parse_size", "__version__",
+]

@@ -1,0 +1,153 @@
+"""Backing chains: opening them safely and resolving extents through them.
+
+A chain is a list of layers, top first. Where a layer says UNALLOCATED, the layer
+below answers; the result carries ``depth``. Opening follows the rules of
+../SECURITY.md: backing names are only regular files (never ``json:`` or protocol
+names), resolved relative to the image that names them, with a depth limit and loop
+detection; in untrusted mode any backing reference is refused before it is opened.
+
+The engine does not know the formats; the caller passes an ``opener`` that turns a
+path and an optional format name into a reader (see vmforge.formats.open_layer).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from ..errors import BackingChainError, VmforgeError
+from ..model import Extent, ExtentKind, coalesce
+
+if TYPE_CHECKING:
+    from ..formats.base import ImageReader
+
+#: qemu has no fixed limit; 64 is far beyond any real chain and stops runaway ones.
+MAX_CHAIN_DEPTH = 64
+
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+Opener = Callable[[str, "str | None"], "ImageReader"]
+
+
+class Chain:
+    """Layers of one virtual disk, top first; owns and closes them."""
+
+    def __init__(self, layers: list[ImageReader]) -> None:
+        if not layers:
+            raise ValueError("a chain needs at least one layer")
+        self.layers = layers
+
+    @property
+    def top(self) -> ImageReader:
+        return self.layers[0]
+
+    @property
+    def virtual_size(self) -> int:
+        return self.layers[0].virtual_size
+
+    def iter_extents(
+        self, start: int = 0, length: int | None = None, *, max_depth: int | None = None
+    ) -> Iterator[Extent]:
+        """Resolved extents over ``[start, start+length)``, merged as qemu-img map merges them.
+
+        ``max_depth`` stops resolution at that layer: ranges below it stay UNALLOCATED
+        (used by ``convert -B`` to copy only what the top layers hold).
+        """
+        size = self.virtual_size
+        if length is None:
+            length = size - start
+        end = min(size, start + length)
+        if start >= end:
+            return iter(())
+        limit = len(self.layers) - 1 if max_depth is None else min(max_depth, len(self.layers) - 1)
+        return coalesce(self._resolve(0, start, end, limit))
+
+    def _resolve(self, depth: int, start: int, end: int, limit: int) -> Iterator[Extent]:
+        layer = self.layers[depth]
+        layer_end = min(end, layer.virtual_size)
+        if start < layer_end:
+            for ext in layer.iter_extents(start, layer_end - start):
+                if ext.kind is ExtentKind.UNALLOCATED and depth < limit:
+                    yield from self._resolve(depth + 1, ext.start, ext.end, limit)
+                elif depth:
+                    yield replace(ext, depth=depth)
+                else:
+                    yield ext
+        if end > max(start, layer_end):
+            # beyond this layer's size: nothing here and nothing below can show through
+            tail = max(start, layer_end)
+            yield Extent(tail, end - tail, ExtentKind.UNALLOCATED, depth=depth)
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+
+    def __enter__(self) -> Chain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve_backing_path(image_path: str, backing_name: str) -> str:
+    """Where a backing name points, relative to the image naming it (as qemu resolves it).
+
+    Raises BackingChainError for protocol or ``json:`` names, which vmforge never follows.
+    """
+    if backing_name.startswith("json:") or _PROTOCOL.match(backing_name):
+        raise BackingChainError(
+            f"{image_path}: backing file '{backing_name}' is a protocol or json: name",
+            path=image_path,
+            hint="vmforge follows only plain file names; rebase the image onto a file",
+        )
+    directory = os.path.dirname(image_path)
+    if os.path.isabs(backing_name) or not directory:
+        return backing_name
+    return os.path.join(directory, backing_name)
+
+
+def open_chain(
+    path: str,
+    fmt: str | None,
+    opener: Opener,
+    *,
+    untrusted: bool = False,
+    follow_backing: bool = True,
+    max_depth: int = MAX_CHAIN_DEPTH,
+) -> Chain:
+    """Open ``path`` and, unless told not to, every backing file below it."""
+    layers: list[ImageReader] = []
+    seen: set[tuple[int, int]] = set()
+    try:
+        current, current_fmt = path, fmt
+        while True:
+            layer = opener(current, current_fmt)
+            layers.append(layer)
+            ident = getattr(getattr(layer, "host", None), "ident", None)
+            if ident is not None:
+                if ident in seen:
+                    raise BackingChainError(
+                        f"{path}: backing chain loops back to {current}", path=path)
+                seen.add(ident)
+            ref = layer.backing
+            if ref is None or not follow_backing:
+                break
+            if untrusted:
+                raise BackingChainError(
+                    f"{current}: refers to backing file '{ref.filename}' (refused in untrusted mode)",
+                    path=current,
+                    hint="untrusted images must be self-contained; flatten it where it was made",
+                )
+            if len(layers) > max_depth:
+                raise BackingChainError(
+                    f"{path}: backing chain deeper than {max_depth} layers", path=path)
+            current = resolve_backing_path(layer.path, ref.filename)
+            current_fmt = ref.format
+    except VmforgeError:
+        for layer in layers:
+            layer.close()
+        raise
+    return Chain(layers)

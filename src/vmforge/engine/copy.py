@@ -1,0 +1,355 @@
+"""The copy pipeline: any source's extents into any writer, sparse and in parallel.
+
+1. Plan from block status: the source's extents are swept once into ranges aligned to
+   the writer's granularity, each DATA (read it), ZERO (write zeros explicitly, only
+   when the output has a backing file that could show through) or SKIP. Holes and
+   unallocated ranges are never read.
+2. Worker threads read DATA ranges in chunks, find zero blocks with numpy (never a
+   per-byte loop) and, when compressing, compress each cluster. pread, numpy and the
+   codecs release the GIL, so the threads really overlap.
+3. The calling thread hands results to the writer in guest order and tells it when
+   everything before a point is final (``flush_before``), which keeps memory flat.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..model import Extent, ExtentKind
+from .chain import Chain
+from .stream import ExtentStream
+
+CHUNK = 4 << 20  # bytes read per task: large enough to amortise, small enough to stay flat
+DATA, ZERO, SKIP = "data", "zero", "skip"
+
+Progress = Callable[[int, int], None]
+
+
+class RangeReader(Protocol):
+    def readinto(self, offset: int, buf: memoryview) -> None: ...
+
+
+class Source(Protocol):
+    """What the pipeline copies from: extents plus a way to get bytes (one reader per thread)."""
+
+    virtual_size: int
+
+    def iter_extents(self, start: int, length: int) -> Iterator[Extent]: ...
+
+    def reader(self) -> RangeReader: ...
+
+    def bottom_depth(self) -> int: ...
+
+
+class ChainSource:
+    """A chain as a copy source; ``max_depth`` limits what counts as the source's own data."""
+
+    def __init__(self, chain: Chain, max_depth: int | None = None) -> None:
+        self.chain = chain
+        self.max_depth = max_depth
+        self.virtual_size = chain.virtual_size
+
+    def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
+        return self.chain.iter_extents(start, length, max_depth=self.max_depth)
+
+    def reader(self) -> RangeReader:
+        return ExtentStream(self.chain)
+
+    def bottom_depth(self) -> int:
+        return len(self.chain.layers) - 1
+
+
+class ConcatSource:
+    """Several sources end to end, as ``convert`` with more than one input makes them."""
+
+    def __init__(self, parts: list[ChainSource]) -> None:
+        self.parts = parts
+        self.starts: list[int] = []
+        pos = 0
+        for p in parts:
+            self.starts.append(pos)
+            pos += p.virtual_size
+        self.virtual_size = pos
+
+    def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
+        end = start + length
+        for base, part in zip(self.starts, self.parts, strict=True):
+            lo, hi = max(start, base), min(end, base + part.virtual_size)
+            if lo >= hi:
+                continue
+            bottom = part.bottom_depth()
+            for ext in part.iter_extents(lo - base, hi - lo):
+                # depth is made relative to each part's bottom so "unallocated everywhere"
+                # stays recognisable after concatenation
+                depth = ext.depth if ext.depth < bottom else self.bottom_depth()
+                yield replace(ext, start=ext.start + base, depth=depth)
+
+    def reader(self) -> RangeReader:
+        return _ConcatReader(self, [p.reader() for p in self.parts])
+
+    def bottom_depth(self) -> int:
+        return max(p.bottom_depth() for p in self.parts)
+
+
+class _ConcatReader:
+    def __init__(self, src: ConcatSource, readers: list[RangeReader]) -> None:
+        self.src = src
+        self.readers = readers
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        for base, part, rd in zip(self.src.starts, self.src.parts, self.readers, strict=True):
+            lo, hi = max(offset, base), min(end, base + part.virtual_size)
+            if lo < hi:
+                rd.readinto(lo - base, buf[lo - offset:hi - offset])
+
+
+@dataclass
+class CopyStats:
+    """What a copy did, for reports and tests."""
+
+    planned_bytes: int = 0
+    read_bytes: int = 0
+    written_bytes: int = 0
+    zero_bytes: int = 0
+    compressed_units: int = 0
+
+
+def plan(source: Source, granularity: int, *, explicit_zeroes: bool,
+         sparse: bool = True) -> Iterator[tuple[int, int, str]]:
+    """Ranges ``(start, end, kind)`` aligned to ``granularity`` (except at the disk end).
+
+    A block that mixes kinds becomes DATA: reading it through the whole chain gives
+    the right bytes whatever the mix.
+    """
+    size = source.virtual_size
+    g = granularity
+    bottom = source.bottom_depth()
+
+    def kind_of(ext: Extent) -> str:
+        if ext.kind is ExtentKind.DATA:
+            return DATA
+        if not sparse:
+            return DATA
+        if ext.kind is ExtentKind.UNALLOCATED and ext.depth < bottom:
+            return SKIP  # the output's backing file provides it (convert -B)
+        return ZERO if explicit_zeroes else SKIP
+
+    pending: list[Any] = []  # [start, end, kind] of the run being built
+
+    def emit(s: int, e: int, k: str) -> Iterator[tuple[int, int, str]]:
+        if pending and pending[2] == k and pending[1] == s:
+            pending[1] = e
+            return
+        if pending:
+            yield pending[0], pending[1], pending[2]
+        pending[:] = [s, e, k]
+        return
+        yield  # pragma: no cover - makes this a generator
+
+    partial: tuple[int, str] | None = None  # (block start, combined kind) of an open edge block
+    for ext in source.iter_extents(0, size):
+        k = kind_of(ext)
+        s, e = ext.start, ext.end
+        if partial is not None:
+            bstart, bk = partial
+            bend = min(bstart + g, size)
+            bk = bk if bk == k else DATA
+            if e < bend:
+                partial = (bstart, bk)
+                continue
+            yield from emit(bstart, bend, bk)
+            partial = None
+            s = bend
+        elif s % g:
+            partial = (s - s % g, k)
+            bend = min(s - s % g + g, size)
+            if e < bend:
+                continue
+            yield from emit(s - s % g, bend, k)
+            partial = None
+            s = bend
+        inner_end = e if e == size else e - e % g
+        if inner_end > s:
+            yield from emit(s, inner_end, k)
+        if e > max(s, inner_end):
+            partial = (max(s, inner_end), k)
+    if partial is not None:
+        yield from emit(partial[0], min(partial[0] + g, size), partial[1])
+    if pending:
+        yield pending[0], pending[1], pending[2]
+
+
+@dataclass
+class _Chunk:
+    offset: int
+    length: int
+    runs: list[tuple[int, int, bool]]  # (offset, length, is_zero), in order
+    data: bytearray
+    compressed: list[tuple[int, bytes | None]] | None = None  # per unit when compressing
+
+
+def _zero_runs(buf: bytearray, length: int, g: int, base: int) -> list[tuple[int, int, bool]]:
+    """Split ``buf[:length]`` into runs of whole g-blocks that are all zero or not."""
+    blocks = len(buf) // g
+    arr = np.frombuffer(buf, dtype=np.uint64).reshape(blocks, g // 8)
+    nonzero = arr.any(axis=1)
+    edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), blocks]
+    runs = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        start = a * g
+        end = min(b * g, length)
+        if start < end:
+            runs.append((base + start, end - start, not bool(nonzero[a])))
+    return runs
+
+
+def copy(
+    source: Source,
+    writer: Any,
+    *,
+    explicit_zeroes: bool = False,
+    sparse: bool = True,
+    sparse_size: int = 4096,
+    compress: bool = False,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> CopyStats:
+    """Copy ``source`` into ``writer`` (not finished here: the caller finishes or aborts)."""
+    g = writer.granularity
+    if not compress and sparse and sparse_size > g and sparse_size % g == 0:
+        g = sparse_size  # qemu-img -S: holes only where this many zero bytes line up
+    workers = max(1, workers or os.cpu_count() or 1)
+    stats = CopyStats()
+    ranges = list(plan(source, g, explicit_zeroes=explicit_zeroes, sparse=sparse))
+    total = sum(e - s for s, e, k in ranges if k != SKIP)
+    stats.planned_bytes = total
+    compress_unit = writer.compressor() if compress else None
+    size = source.virtual_size
+
+    local = _ThreadReaders(source)
+
+    def work(offset: int, length: int) -> _Chunk:
+        padded = -(-length // g) * g
+        buf = bytearray(padded)
+        local.get().readinto(offset, memoryview(buf)[:length])
+        runs = _zero_runs(buf, length, g, offset) if sparse else [(offset, length, False)]
+        chunk = _Chunk(offset, length, runs, buf)
+        if compress_unit is not None:
+            out: list[tuple[int, bytes | None]] = []
+            for r_off, r_len, is_zero in runs:
+                if is_zero:
+                    continue
+                for u in range(r_off, r_off + r_len, g):
+                    rel = u - offset
+                    unit = memoryview(buf)[rel:rel + g]  # padded with zeros past the disk end
+                    packed = compress_unit(unit)
+                    out.append((u, packed if len(packed) < g else None))
+            chunk.compressed = out
+        return chunk
+
+    def tasks() -> Iterator[tuple[int, int, str]]:
+        for s, e, k in ranges:
+            if k != DATA:
+                yield s, e, k
+                continue
+            pos = s
+            while pos < e:
+                n = min(CHUNK, e - pos)
+                yield pos, n, DATA
+                pos += n
+
+    done = 0
+    window: deque[tuple[int, int, str, Future[_Chunk] | None]] = deque()
+    limit = workers * 2
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmforge-copy") as pool:
+
+        def drain_one() -> None:
+            nonlocal done
+            s, n, k, fut = window.popleft()
+            if k == ZERO:
+                writer.write_zeroes(s, n)
+                stats.zero_bytes += n
+            elif k == SKIP:
+                pass
+            else:
+                assert fut is not None
+                chunk = fut.result()
+                stats.read_bytes += chunk.length
+                _store(writer, chunk, explicit_zeroes, stats, size, g)
+            if k != SKIP:
+                done += n
+            writer.flush_before(s + n)
+            if progress is not None and k != SKIP:
+                progress(done, total)
+
+        try:
+            for s, n, k in tasks():
+                fut = pool.submit(work, s, n) if k == DATA else None
+                window.append((s, n if k == DATA else n, k, fut))
+                while len(window) > limit:
+                    drain_one()
+            while window:
+                drain_one()
+        except BaseException:
+            for *_, fut in window:
+                if fut is not None:
+                    fut.cancel()
+            raise
+    if progress is not None:
+        progress(total, total)
+    return stats
+
+
+def _store(writer: Any, chunk: _Chunk, explicit_zeroes: bool, stats: CopyStats, size: int,
+           g: int) -> None:
+    view = memoryview(chunk.data)
+    if chunk.compressed is not None:
+        for unit_off, packed in chunk.compressed:
+            if packed is not None:
+                writer.write_compressed(unit_off, packed)
+                stats.compressed_units += 1
+            else:
+                rel = unit_off - chunk.offset
+                n = min(g, size - unit_off)
+                writer.write(unit_off, view[rel:rel + n])
+            stats.written_bytes += min(g, size - unit_off)
+        if explicit_zeroes:
+            for r_off, r_len, is_zero in chunk.runs:
+                if is_zero:
+                    writer.write_zeroes(r_off, r_len)
+                    stats.zero_bytes += r_len
+        return
+    for r_off, r_len, is_zero in chunk.runs:
+        if is_zero:
+            stats.zero_bytes += r_len
+            if explicit_zeroes:
+                writer.write_zeroes(r_off, r_len)
+            continue
+        rel = r_off - chunk.offset
+        writer.write(r_off, view[rel:rel + r_len])
+        stats.written_bytes += r_len
+
+
+class _ThreadReaders:
+    """One RangeReader per worker thread (readers keep small caches)."""
+
+    def __init__(self, source: Source) -> None:
+        import threading
+
+        self.source = source
+        self.local = threading.local()
+
+    def get(self) -> RangeReader:
+        rd = getattr(self.local, "reader", None)
+        if rd is None:
+            rd = self.local.reader = self.source.reader()
+        return rd

@@ -1,0 +1,22 @@
+"""On-disk formats: one module or package each, found through the Format registry."""
+
+from __future__ import annotations
+
+from .base import (
+    BackingRef,
+    Capabilities,
+    Format,
+    HostFile,
+    ImageReader,
+    ImageWriter,
+    OpenOptions,
+)
+from .qcow2 import Qcow2Format
+from .raw import RawFormat
+from .registry import detect_format, get_format, list_formats, open_layer
+
+__all__ = [
+    "BackingRef", "Capabilities", "Format", "HostFile", "ImageReader", "ImageWriter",
+    "OpenOptions", "Qcow2Format", "RawFormat", "detect_format", "get_format", "list_formats",
+    "open_layer",
+]

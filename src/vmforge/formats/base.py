@@ -1,0 +1,222 @@
+"""The contract every on-disk format fulfils, and the registry that finds them.
+
+A format subclass registers itself by being defined (``__init_subclass__``), declares
+what it can do, recognises its own header (``probe``), opens readers and creates
+writers. Readers describe one layer as extents; writers consume data and zeros.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ImageNotFound, TruncatedImage, UnsupportedFeature
+from ..model import Extent
+from ..model.check import CheckResult
+from ..model.info import ImageInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    read: bool = True
+    write: bool = False
+    backing: bool = False
+    snapshots: bool = False
+    compression: bool = False
+    stream_write: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackingRef:
+    """A reference from an image to its backing file, exactly as stored."""
+
+    filename: str
+    format: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOptions:
+    """How carefully to open. ``untrusted`` refuses every reference to another file."""
+
+    untrusted: bool = False
+    allow_data_file: bool = False
+    snapshot: str | None = None
+
+
+class HostFile:
+    """A read-only handle on a regular file with positioned reads that never go short silently."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ImageNotFound("no such file", path=self.path) from None
+        except IsADirectoryError:
+            raise ImageNotFound("is a directory, not an image file", path=self.path) from None
+        except OSError as err:
+            raise ImageNotFound(f"cannot open: {err.strerror}", path=self.path) from None
+        st = os.fstat(self.fd)
+        import stat as _stat
+
+        if not _stat.S_ISREG(st.st_mode) and not _stat.S_ISBLK(st.st_mode):
+            os.close(self.fd)
+            raise ImageNotFound("not a regular file", path=self.path)
+        self.size = st.st_size if _stat.S_ISREG(st.st_mode) else _blockdev_size(self.fd)
+        self.allocated = st.st_blocks * 512
+        self.ident = (st.st_dev, st.st_ino)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``; TruncatedImage if the file ends first."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise TruncatedImage(
+                f"needs {length} bytes at offset {offset} but the file is {self.size} bytes",
+                path=self.path, offset=offset,
+            )
+        return data
+
+    def pread_upto(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (short at end of file)."""
+        return os.pread(self.fd, length, offset)
+
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``offset``; TruncatedImage if the file ends first."""
+        got = os.preadv(self.fd, [buf], offset)
+        while got < len(buf):
+            more = os.preadv(self.fd, [buf[got:]], offset + got)
+            if more <= 0:
+                raise TruncatedImage(
+                    f"data at offset {offset + got} lies past the end of the file",
+                    path=self.path, offset=offset + got,
+                )
+            got += more
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _blockdev_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+class ImageReader(abc.ABC):
+    """One layer of a disk: extents and the host bytes behind them."""
+
+    format_name: ClassVar[str]
+    path: str
+    virtual_size: int
+    #: codec name for compressed extents ("deflate", "zlib", "zstd"), see engine.codec
+    codec: str | None = None
+    backing: BackingRef | None = None
+
+    @abc.abstractmethod
+    def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
+        """Extents of this layer alone covering ``[start, start+length)``, in order, depth 0."""
+
+    @abc.abstractmethod
+    def read_host(self, extent: Extent, buf: memoryview) -> None:
+        """Fill ``buf`` with the stored bytes of a DATA extent (compressed: the stored unit)."""
+
+    @abc.abstractmethod
+    def info(self) -> ImageInfo:
+        """What ``vmforge info`` shows about this layer."""
+
+    def check(self) -> CheckResult:
+        """Metadata consistency, like ``qemu-img check``; formats without metadata refuse."""
+        raise UnsupportedFeature("checks", path=self.path,
+                                 detail=f"the {self.format_name} format has no metadata to check")
+
+    def close(self) -> None:
+        """Release file handles."""
+
+    def __enter__(self) -> ImageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ImageWriter(abc.ABC):
+    """Builds a new image. Ranges never written read as unallocated (backing or zeros).
+
+    ``write`` receives data aligned to ``granularity`` (except at the end of the disk);
+    the engine has already removed zero runs, so writers never scan for zeros.
+    """
+
+    path: str
+    virtual_size: int
+    granularity: int = 4096
+    #: True when the writer wants every range in order (streamed formats)
+    sequential: bool = False
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Store ``data`` at guest ``offset``."""
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Mark a range as reading zero even if a backing file has data there."""
+        self.write(offset, bytes(length))
+
+    def compressor(self) -> Any:
+        """A thread-safe callable ``bytes -> bytes | None`` for one unit, or None if not compressing."""
+        return None
+
+    def write_compressed(self, offset: int, stored: bytes) -> None:
+        """Store one unit that ``compressor()`` produced."""
+        raise TypeError(f"{type(self).__name__} does not store compressed data")
+
+    def flush_before(self, offset: int) -> None:  # noqa: B027 - optional hook
+        """Hint: nothing below guest ``offset`` will be written again (lets tables go to disk)."""
+
+    @abc.abstractmethod
+    def finish(self) -> None:
+        """Write remaining metadata and make the file complete."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Close without completing; the caller removes the file."""
+
+
+class Format(abc.ABC):
+    """A disk format: recognises, opens and creates its files."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: -o options accepted by create, with a one-line description each
+    create_options: ClassVar[Mapping[str, str]] = {}
+    registry: ClassVar[dict[str, type[Format]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None) and "name" in cls.__dict__:
+            Format.registry[cls.name] = cls
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls, head: bytes, file_size: int) -> int:
+        """Score 0..100 for how surely ``head`` (the first bytes of the file) is this format."""
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        """Open one layer for reading."""
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        size: int,
+        options: Mapping[str, str],
+        backing: BackingRef | None = None,
+        backing_size: int | None = None,
+    ) -> ImageWriter:
+        """Start a new image file at ``path``."""
+        raise TypeError(f"vmforge cannot write {cls.name} images")

@@ -1,0 +1,251 @@
+"""Consistency check of a qcow2 image, reporting like ``qemu-img check``.
+
+Every host cluster's expected reference count is rebuilt from the metadata (header,
+L1/L2 tables of the active state and of every snapshot, data and compressed
+clusters, refcount structures, snapshot table, bitmaps) and compared with the stored
+refcounts: stored < expected is a corruption, stored > expected a leak, exactly as
+QEMU's qcow2-refcount.c classifies them. Nothing is ever written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...errors import VmforgeError
+from ...model.check import CheckResult
+from . import structs as S
+from .reader import Qcow2Reader
+from .writer import unpack_refcounts
+
+
+class _Refs:
+    """Expected refcounts, grown on demand (references past the end are errors later)."""
+
+    def __init__(self, clusters: int, cs: int) -> None:
+        self.cs = cs
+        self.counts = np.zeros(max(clusters, 1), dtype=np.uint64)
+
+    def _grow(self, n: int) -> None:
+        if n > len(self.counts):
+            grown = np.zeros(max(n, len(self.counts) * 2), dtype=np.uint64)
+            grown[: len(self.counts)] = self.counts
+            self.counts = grown
+
+    def add_range(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first = offset // self.cs
+        last = (offset + length - 1) // self.cs
+        self._grow(last + 1)
+        self.counts[first:last + 1] += np.uint64(1)
+
+    def add_clusters(self, clusters: np.ndarray[Any, Any]) -> None:
+        if len(clusters) == 0:
+            return
+        self._grow(int(clusters.max()) + 1)
+        np.add.at(self.counts, clusters.astype(np.int64), np.uint64(1))
+
+
+def check_qcow2(reader: Qcow2Reader) -> CheckResult:
+    """Check ``reader``'s image (opened on its active state) and return the verdict."""
+    h = reader.header
+    cs = reader.geo.cluster_size
+    file_size = reader.host.size
+    nb_clusters = -(-file_size // cs)
+    res = CheckResult(filename=reader.path, format="qcow2")
+    refs = _Refs(nb_clusters, cs)
+    has_data_file = bool(h.incompatible_features & S.INCOMPAT_DATA_FILE)
+    try:
+        refs.add_range(0, cs)  # header
+        _count_l1(reader, refs, res, h.l1_table_offset, h.l1_size, active=True,
+                  has_data_file=has_data_file)
+        for snap in reader.snapshots:
+            _count_l1(reader, refs, res, snap.l1_table_offset, snap.l1_size, active=False,
+                      has_data_file=has_data_file)
+        if h.nb_snapshots:
+            refs.add_range(h.snapshots_offset, _snapshot_table_size(reader))
+        refs.add_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        stored = _stored_refcounts(reader, refs, res, nb_clusters)
+        _count_bitmaps(reader, refs, res)
+    except VmforgeError as err:
+        res.check_errors += 1
+        res.messages.append(f"ERROR {err}")
+        return res
+    n = max(nb_clusters, len(refs.counts))
+    expected = np.zeros(n, dtype=np.uint64)
+    expected[: len(refs.counts)] = refs.counts[:n]
+    have = np.zeros(n, dtype=np.uint64)
+    have[: min(n, len(stored))] = stored[:n]
+    diff = np.flatnonzero(have != expected)
+    for i in diff.tolist():
+        stored_c, exp_c = int(have[i]), int(expected[i])
+        if stored_c < exp_c:
+            res.corruptions += 1
+            res.messages.append(f"ERROR cluster {i} refcount={stored_c} reference={exp_c}")
+        else:
+            res.leaks += 1
+            res.messages.append(f"Leaked cluster {i} refcount={stored_c} reference={exp_c}")
+    used = np.flatnonzero((have > 0) | (expected > 0))
+    res.image_end_offset = (int(used[-1]) + 1) * cs if len(used) else 0
+    _check_copied(reader, have, res, has_data_file)
+    return res
+
+
+def _snapshot_table_size(reader: Qcow2Reader) -> int:
+    size = 0
+    for snap in reader.snapshots:
+        size += len(snap.pack())
+    return size
+
+
+def _count_l1(reader: Qcow2Reader, refs: _Refs, res: CheckResult, l1_offset: int, l1_size: int,
+              *, active: bool, has_data_file: bool) -> None:
+    cs = reader.geo.cluster_size
+    geo = reader.geo
+    refs.add_range(l1_offset, l1_size * 8)
+    l1 = reader.read_l1(l1_offset, l1_size)
+    if active:
+        res.total_clusters = -(-reader.header.size // cs)
+    offset_mask, shift = S.compressed_fields(geo.cluster_bits)
+    sector_mask = (1 << (62 - shift)) - 1
+    for index, l1e in enumerate(l1.tolist()):
+        l2_off = l1e & S.L1E_OFFSET_MASK
+        if not l2_off:
+            continue
+        if l2_off % cs:
+            res.corruptions += 1
+            res.messages.append(f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned; "
+                                "L1 entry corrupted")
+            continue
+        refs.add_range(l2_off, cs)
+        table = reader.l2_table(l2_off)
+        w = 2 if geo.extended_l2 else 1
+        std = table[::w]
+        compressed = (std & np.uint64(S.OFLAG_COMPRESSED)) != 0
+        offsets = std & np.uint64(S.L2E_OFFSET_MASK)
+        allocated = (~compressed) & (offsets != 0)
+        # compressed clusters: each host cluster the stored bytes touch gets a reference
+        for entry in std[compressed].tolist():
+            c_off = entry & offset_mask
+            sectors = ((entry >> shift) & sector_mask) + 1
+            refs.add_range(c_off & ~511, sectors * 512)
+            if entry & S.OFLAG_COPIED:
+                res.corruptions += 1
+                res.messages.append(f"ERROR: coffset=0x{c_off:x}: copied flag must never be set "
+                                    "for compressed clusters")
+        misaligned = allocated & ((offsets % np.uint64(cs)) != 0)
+        for entry in offsets[misaligned].tolist():
+            res.corruptions += 1
+            res.messages.append(f"ERROR offset={entry:x}: Cluster is not properly aligned; "
+                                "L2 entry corrupted.")
+        good = allocated & ~misaligned
+        if not has_data_file:
+            refs.add_clusters(offsets[good] // np.uint64(cs))
+        if active:
+            res.allocated_clusters += int(good.sum() + misaligned.sum() + compressed.sum())
+            res.compressed_clusters += int(compressed.sum())
+            res.fragmented_clusters += int(compressed.sum())
+            plain = offsets[allocated]
+            if len(plain) > 1:
+                res.fragmented_clusters += int(
+                    (plain[1:] != plain[:-1] + np.uint64(cs)).sum())
+        del index
+
+
+def _stored_refcounts(reader: Qcow2Reader, refs: _Refs, res: CheckResult,
+                      nb_clusters: int) -> np.ndarray[Any, Any]:
+    """The refcounts the image claims, for every host cluster the table covers."""
+    h = reader.header
+    cs = reader.geo.cluster_size
+    bits = 1 << h.refcount_order
+    per_block = cs * 8 // bits
+    raw = reader.host.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
+    table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+    limit = max(nb_clusters, len(refs.counts))
+    blocks_needed = -(-limit // per_block)
+    stored = np.zeros(max(len(table), blocks_needed) * per_block, dtype=np.uint64)
+    for i, entry in enumerate(table.tolist()):
+        off = entry & S.REFT_OFFSET_MASK
+        if not off:
+            continue
+        if off % cs:
+            res.corruptions += 1
+            res.messages.append(f"ERROR refcount block {i} is not cluster aligned; "
+                                "refcount table entry corrupted")
+            continue
+        if off // cs >= nb_clusters:
+            res.corruptions += 1
+            res.messages.append(f"ERROR refcount block {i} is outside image")
+            continue
+        refs.add_range(off, cs)
+        block = reader.host.pread(off, cs)
+        stored[i * per_block:(i + 1) * per_block] = unpack_refcounts(block, bits)
+    return stored
+
+
+def _count_bitmaps(reader: Qcow2Reader, refs: _Refs, res: CheckResult) -> None:
+    """Persistent dirty bitmaps (qcow2.txt "Bitmaps extension"): directory, tables, data."""
+    if not reader.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
+        return
+    for ext in reader.extensions:
+        if ext.type != S.EXT_BITMAPS or len(ext.data) < 24:
+            continue
+        dir_size = int.from_bytes(ext.data[8:16], "big")
+        dir_off = int.from_bytes(ext.data[16:24], "big")
+        if dir_size > 64 << 20:
+            res.check_errors += 1
+            return
+        refs.add_range(dir_off, dir_size)
+        directory = reader.host.pread(dir_off, dir_size)
+        pos = 0
+        while pos + 24 <= len(directory):
+            table_off = int.from_bytes(directory[pos:pos + 8], "big")
+            table_size = int.from_bytes(directory[pos + 8:pos + 12], "big")
+            name_size = int.from_bytes(directory[pos + 14:pos + 16], "big")
+            extra = int.from_bytes(directory[pos + 20:pos + 24], "big")
+            refs.add_range(table_off, table_size * 8)
+            entries = np.frombuffer(reader.host.pread(table_off, table_size * 8), dtype=">u8")
+            offs = entries.astype(np.uint64) & np.uint64(S.L2E_OFFSET_MASK)
+            refs.add_clusters(offs[offs != 0] // np.uint64(reader.geo.cluster_size))
+            entry_len = 24 + extra + name_size
+            pos += entry_len + (-entry_len % 8)
+
+
+def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckResult,
+                  has_data_file: bool) -> None:
+    """QCOW_OFLAG_COPIED must be set exactly where the stored refcount is 1."""
+    cs = reader.geo.cluster_size
+    w = 2 if reader.geo.extended_l2 else 1
+
+    def refcount(offset: int) -> int:
+        c = offset // cs
+        return int(stored[c]) if c < len(stored) else 0
+
+    l1 = reader.read_l1(reader.header.l1_table_offset, reader.header.l1_size)
+    for index, l1e in enumerate(l1.tolist()):
+        l2_off = l1e & S.L1E_OFFSET_MASK
+        if not l2_off or l2_off % cs:
+            continue
+        rc = refcount(l2_off)
+        if bool(l1e & S.OFLAG_COPIED) != (rc == 1):
+            res.corruptions += 1
+            res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={index} "
+                                f"l1_entry={l1e:x} refcount={rc}")
+        if has_data_file:
+            continue
+        std = reader.l2_table(l2_off)[::w]
+        offsets = std & np.uint64(S.L2E_OFFSET_MASK)
+        normal = ((std & np.uint64(S.OFLAG_COMPRESSED)) == 0) & (offsets != 0)
+        normal &= (offsets % np.uint64(cs)) == 0
+        if not normal.any():
+            continue
+        clusters = (offsets[normal] // np.uint64(cs)).astype(np.int64)
+        counts = np.where(clusters < len(stored), stored[np.minimum(clusters, len(stored) - 1)], 0)
+        copied = (std[normal] & np.uint64(S.OFLAG_COPIED)) != 0
+        bad = copied != (counts == 1)
+        for entry, rc_v in zip(std[normal][bad].tolist(), counts[bad].tolist(), strict=True):
+            res.corruptions += 1
+            res.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
+                                f"refcount={rc_v}")

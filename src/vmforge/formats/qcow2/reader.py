@@ -1,0 +1,503 @@
+"""Reading qcow2 (versions 2 and 3): header validation, L1/L2 mapping, snapshots.
+
+Everything in the header is checked against fixed caps and the file size before any
+table is allocated (../SECURITY.md rows 3-7). L2 tables are classified with numpy, a
+whole table at a time, so the cost follows the number of runs, not of clusters.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...engine.chain import resolve_backing_path
+from ...errors import (
+    BackingChainError,
+    CorruptImage,
+    FormatMismatch,
+    LimitExceeded,
+    TruncatedImage,
+    UnsupportedFeature,
+)
+from ...model import Extent, ExtentKind
+from ...model.check import CheckResult
+from ...model.info import ImageInfo, SnapshotInfo
+from ..base import BackingRef, HostFile, ImageReader, OpenOptions
+from . import structs as S
+
+_L2_CACHE_TABLES = 64
+
+# unit kinds used in the vectorised scan
+_UNALLOC, _DATA, _ZERO, _COMPRESSED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Derived sizes of one image (cluster, L2 entry size, subclusters)."""
+
+    cluster_bits: int
+    extended_l2: bool
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_entries(self) -> int:
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def l2_span(self) -> int:
+        """Guest bytes mapped by one L2 table."""
+        return self.l2_entries * self.cluster_size
+
+    @property
+    def units_per_cluster(self) -> int:
+        return S.EXTL2_SUBCLUSTERS if self.extended_l2 else 1
+
+
+def read_header(host: HostFile) -> tuple[S.Header, bytes]:
+    """Parse and validate the header; returns it and the first cluster's bytes.
+
+    Raises TruncatedImage, FormatMismatch, UnsupportedFeature, CorruptImage or LimitExceeded.
+    """
+    path = host.path
+    head = host.pread_upto(0, 4096)
+    if len(head) < S.V2_HEADER_LENGTH:
+        raise TruncatedImage(f"file is {len(head)} bytes, too short for a qcow2 header", path=path)
+    if head[:4] != S.MAGIC:
+        raise FormatMismatch("not a qcow2 image (bad magic)", path=path)
+    version = int.from_bytes(head[4:8], "big")
+    if version not in (2, 3):
+        raise UnsupportedFeature(f"qcow2 version {version}", path=path,
+                                 hint="only qcow2 versions 2 and 3 exist")
+    if version == 3 and len(head) < S.V3_HEADER_LENGTH:
+        raise TruncatedImage("qcow2 v3 header is cut short", path=path)
+    h = S.Header.unpack(head)
+    if not S.MIN_CLUSTER_BITS <= h.cluster_bits <= S.MAX_CLUSTER_BITS:
+        raise CorruptImage(f"cluster_bits {h.cluster_bits} is outside 9..21", path=path, offset=20)
+    cs = h.cluster_size
+    if cs > len(head):
+        head = host.pread_upto(0, cs)
+    if version == 3:
+        if h.header_length < S.V3_HEADER_LENGTH:
+            raise CorruptImage(f"header_length {h.header_length} is below 104", path=path, offset=100)
+        if h.header_length > cs:
+            raise CorruptImage(f"header_length {h.header_length} exceeds the cluster size",
+                               path=path, offset=100)
+        if len(head) < h.header_length:
+            raise TruncatedImage("header is cut short", path=path)
+        if h.refcount_order > 6:
+            raise UnsupportedFeature(f"refcount_order {h.refcount_order}", path=path,
+                                     detail="refcounts wider than 64 bits")
+        unknown = h.incompatible_features & ~S.INCOMPAT_KNOWN
+        if unknown:
+            names = _feature_names(head, h, "incompatible", unknown)
+            raise UnsupportedFeature(f"incompatible feature {names}", path=path,
+                                     hint="this image needs a newer qcow2 implementation")
+        if h.incompatible_features & S.INCOMPAT_COMPRESSION and h.header_length <= 104:
+            raise CorruptImage("compression type bit set but the header has no compression_type",
+                               path=path, offset=72)
+        if h.compression_type not in S.COMPRESSION_NAMES:
+            raise UnsupportedFeature(f"compression type {h.compression_type}", path=path)
+        if h.compression_type != S.COMPRESSION_ZLIB and not (
+                h.incompatible_features & S.INCOMPAT_COMPRESSION):
+            raise CorruptImage("compression_type is set but the compression incompatible bit is not",
+                               path=path, offset=104)
+        if h.incompatible_features & S.INCOMPAT_EXTL2 and h.cluster_bits < 14:
+            raise CorruptImage("extended L2 entries need clusters of 16 KiB or more", path=path)
+    if h.crypt_method != 0:
+        raise UnsupportedFeature("encryption", path=path, detail=f"crypt_method {h.crypt_method}",
+                                 hint="decrypt it with the tool that encrypted it first")
+    if h.size > (1 << 63) - 1:
+        raise LimitExceeded(f"virtual size {h.size} does not fit a signed 64-bit offset", path=path)
+    file_size = host.size
+    geo = Geometry(h.cluster_bits, bool(h.incompatible_features & S.INCOMPAT_EXTL2))
+    needed_l1 = -(-h.size // geo.l2_span)
+    if h.l1_size * 8 > S.MAX_L1_BYTES:
+        raise LimitExceeded(f"L1 table of {h.l1_size} entries is larger than 32 MiB", path=path,
+                            limit="l1_size")
+    if h.l1_size < needed_l1:
+        raise CorruptImage(f"L1 table has {h.l1_size} entries, the virtual size needs {needed_l1}",
+                           path=path, offset=36)
+    check_table(host, "L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
+    rt_bytes = h.refcount_table_clusters * cs
+    if rt_bytes > S.MAX_REFTABLE_BYTES:
+        raise LimitExceeded(f"refcount table of {h.refcount_table_clusters} clusters is too large",
+                            path=path, limit="refcount_table_clusters")
+    check_table(host, "refcount table", h.refcount_table_offset, rt_bytes, cs, file_size)
+    if h.nb_snapshots > S.MAX_SNAPSHOTS:
+        raise LimitExceeded(f"{h.nb_snapshots} snapshots is more than {S.MAX_SNAPSHOTS}", path=path,
+                            limit="nb_snapshots")
+    if h.nb_snapshots:
+        check_table(host, "snapshot table", h.snapshots_offset,
+                    h.nb_snapshots * S.SnapshotEntry.fixed_size(), cs, file_size)
+    if h.backing_file_offset:
+        if h.backing_file_size > S.MAX_BACKING_NAME:
+            raise LimitExceeded(f"backing file name of {h.backing_file_size} bytes is too long",
+                                path=path, limit="backing_file_size")
+        if h.backing_file_offset + h.backing_file_size > cs:
+            raise CorruptImage("backing file name lies outside the first cluster", path=path,
+                               offset=8)
+    return h, head
+
+
+def check_table(host: HostFile, what: str, offset: int, length: int, cluster_size: int,
+                file_size: int) -> None:
+    """A table must start on a cluster boundary and lie inside the file."""
+    if length == 0:
+        return
+    if offset % cluster_size:
+        raise CorruptImage(f"{what} offset {offset:#x} is not cluster aligned", path=host.path,
+                           offset=offset)
+    if offset + length > file_size or offset + length > (1 << 63) - 1:
+        raise TruncatedImage(f"{what} at {offset:#x} (+{length} bytes) runs past the end of the file",
+                             path=host.path, offset=offset)
+
+
+def parse_extensions(head: bytes, h: S.Header, path: str) -> list[S.HeaderExtension]:
+    """Header extensions between the header and the backing name (or the cluster end)."""
+    pos = h.header_length if h.version >= 3 else S.V2_HEADER_LENGTH
+    end = h.backing_file_offset if h.backing_file_offset else h.cluster_size
+    end = min(end, len(head))
+    out: list[S.HeaderExtension] = []
+    while pos + 8 <= end:
+        etype = int.from_bytes(head[pos:pos + 4], "big")
+        elen = int.from_bytes(head[pos + 4:pos + 8], "big")
+        if etype == S.EXT_END:
+            break
+        if pos + 8 + elen > end:
+            raise CorruptImage(f"header extension {etype:#x} runs past its area", path=path,
+                               offset=pos)
+        out.append(S.HeaderExtension(etype, bytes(head[pos + 8:pos + 8 + elen])))
+        pos += 8 + elen + (-elen % 8)
+    return out
+
+
+def _feature_names(head: bytes, h: S.Header, kind: str, bits: int) -> str:
+    """Name unknown feature bits from the image's own feature name table when it has one."""
+    kind_code = {"incompatible": 0, "compatible": 1, "autoclear": 2}[kind]
+    names: dict[int, str] = {}
+    try:
+        exts = parse_extensions(head, h, "")
+    except CorruptImage:
+        exts = []
+    for ext in exts:
+        if ext.type == S.EXT_FEATURE_TABLE:
+            for i in range(0, len(ext.data) - 47, 48):
+                if ext.data[i] == kind_code:
+                    names[ext.data[i + 1]] = ext.data[i + 2:i + 48].rstrip(b"\0").decode(
+                        "utf-8", "replace")
+    parts = [names.get(b, f"bit {b}") for b in range(64) if bits >> b & 1]
+    return ", ".join(parts)
+
+
+class Qcow2Reader(ImageReader):
+    format_name = "qcow2"
+
+    def __init__(self, path: str, options: OpenOptions) -> None:
+        self.path = path
+        self.host = HostFile(path)
+        try:
+            self._open(options)
+        except BaseException:
+            self.host.close()
+            raise
+
+    def _open(self, options: OpenOptions) -> None:
+        h, head = read_header(self.host)
+        self.header = h
+        self.geo = Geometry(h.cluster_bits, bool(h.incompatible_features & S.INCOMPAT_EXTL2))
+        self.extensions = parse_extensions(head, h, self.path)
+        self.codec = "zstd" if h.compression_type == S.COMPRESSION_ZSTD else "deflate"
+        self.backing = None
+        self.backing_format: str | None = None
+        self.data_file_name: str | None = None
+        for ext in self.extensions:
+            if ext.type == S.EXT_BACKING_FORMAT:
+                self.backing_format = ext.data.decode("utf-8", "replace")
+            elif ext.type == S.EXT_DATA_FILE:
+                self.data_file_name = ext.data.decode("utf-8", "replace")
+        if h.backing_file_offset and h.backing_file_size:
+            name = head[h.backing_file_offset:h.backing_file_offset + h.backing_file_size]
+            self.backing = BackingRef(name.decode("utf-8", "replace"), self.backing_format)
+        self.data_host: HostFile | None = self.host
+        self.data_file_refused = False
+        if h.incompatible_features & S.INCOMPAT_DATA_FILE:
+            self._open_data_file(options)
+        self.snapshots = self._read_snapshots() if h.nb_snapshots else []
+        self.virtual_size = h.size
+        l1_offset, l1_size = h.l1_table_offset, h.l1_size
+        self.snapshot: S.SnapshotEntry | None = None
+        if options.snapshot is not None:
+            snap = self.find_snapshot(options.snapshot)
+            self.snapshot = snap
+            if snap.l1_size * 8 > S.MAX_L1_BYTES:
+                raise LimitExceeded("snapshot L1 table is larger than 32 MiB", path=self.path)
+            check_table(self.host, "snapshot L1 table", snap.l1_table_offset, snap.l1_size * 8,
+                        self.geo.cluster_size, self.host.size)
+            l1_offset, l1_size = snap.l1_table_offset, snap.l1_size
+            if snap.disk_size is not None:
+                self.virtual_size = snap.disk_size
+            if -(-self.virtual_size // self.geo.l2_span) > l1_size:
+                raise CorruptImage("snapshot L1 table is too small for its disk size", path=self.path)
+        self.l1 = self.read_l1(l1_offset, l1_size)
+        self._l2_cache: OrderedDict[int, np.ndarray[Any, Any]] = OrderedDict()
+        self._l2_lock = threading.Lock()  # the copy pipeline maps from several threads
+
+    def _open_data_file(self, options: OpenOptions) -> None:
+        if options.untrusted:
+            raise UnsupportedFeature(
+                "external data file", path=self.path,
+                detail=f"names '{self.data_file_name}'; refused in untrusted mode")
+        if not options.allow_data_file:
+            # info and map still work; reading guest data is refused (see read_host)
+            self.data_host = None
+            self.data_file_refused = True
+            return
+        if not self.data_file_name:
+            raise CorruptImage("external data file bit set but no data file name", path=self.path)
+        target = resolve_backing_path(self.path, self.data_file_name)
+        self.data_host = HostFile(target)
+
+    def find_snapshot(self, key: str) -> S.SnapshotEntry:
+        """A snapshot by id or name (``snapshot.id=``/``snapshot.name=`` prefixes accepted)."""
+        if key.startswith("snapshot.id="):
+            matches = [s for s in self.snapshots if s.id_str == key[12:]]
+        elif key.startswith("snapshot.name="):
+            matches = [s for s in self.snapshots if s.name == key[14:]]
+        else:
+            matches = [s for s in self.snapshots if s.id_str == key] or [
+                s for s in self.snapshots if s.name == key]
+        if not matches:
+            raise BackingChainError(f"{self.path}: no snapshot '{key}'", path=self.path,
+                                    hint="list them with 'vmforge info'")
+        return matches[0]
+
+    def read_l1(self, offset: int, count: int) -> np.ndarray[Any, Any]:
+        raw = self.host.pread(offset, count * 8) if count else b""
+        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+    def _read_snapshots(self) -> list[S.SnapshotEntry]:
+        h = self.header
+        out: list[S.SnapshotEntry] = []
+        pos = h.snapshots_offset
+        limit = h.snapshots_offset + S.MAX_SNAPSHOTS_TABLE
+        for _ in range(h.nb_snapshots):
+            fixed = self.host.pread(pos, S.SnapshotEntry.fixed_size())
+            (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmstate,
+             extra_len) = S.SnapshotEntry.unpack_fixed(fixed)
+            if extra_len > S.MAX_SNAPSHOT_EXTRA:
+                raise LimitExceeded(f"snapshot extra data of {extra_len} bytes", path=self.path)
+            var_len = extra_len + id_len + name_len
+            body = self.host.pread(pos + len(fixed), var_len)
+            extra = body[:extra_len]
+            ident = body[extra_len:extra_len + id_len].decode("utf-8", "replace")
+            name = body[extra_len + id_len:].decode("utf-8", "replace")
+            out.append(S.SnapshotEntry(l1_off, l1_size, ident, name, dsec, dnsec, clock, vmstate,
+                                       extra))
+            pos += len(fixed) + var_len
+            pos += -pos % 8
+            if pos > limit:
+                raise LimitExceeded("snapshot table larger than 64 MiB", path=self.path)
+        return out
+
+    # -- mapping ---------------------------------------------------------------------------
+
+    def l2_table(self, offset: int) -> np.ndarray[Any, Any]:
+        """One L2 table as native uint64 (extended: interleaved entry, bitmap)."""
+        with self._l2_lock:
+            table = self._l2_cache.get(offset)
+            if table is not None:
+                self._l2_cache.move_to_end(offset)
+                return table
+        cs = self.geo.cluster_size
+        if offset % cs:
+            raise CorruptImage(f"L2 table offset {offset:#x} is not cluster aligned", path=self.path,
+                               offset=offset)
+        if offset < cs:
+            raise CorruptImage("L2 table overlaps the header", path=self.path, offset=offset)
+        if offset + cs > self.host.size:
+            raise TruncatedImage(f"L2 table at {offset:#x} lies past the end of the file",
+                                 path=self.path, offset=offset)
+        table = np.frombuffer(self.host.pread(offset, cs), dtype=">u8").astype(np.uint64)
+        with self._l2_lock:
+            self._l2_cache[offset] = table
+            if len(self._l2_cache) > _L2_CACHE_TABLES:
+                self._l2_cache.popitem(last=False)
+        return table
+
+    def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
+        end = min(start + length, self.virtual_size)
+        span = self.geo.l2_span
+        pos = start
+        while pos < end:
+            index = pos // span
+            table_start = index * span
+            table_end = min(end, table_start + span)
+            l1e = int(self.l1[index]) if index < len(self.l1) else 0
+            l2_offset = l1e & S.L1E_OFFSET_MASK
+            if l2_offset == 0:
+                yield Extent(pos, table_end - pos, ExtentKind.UNALLOCATED)
+            else:
+                yield from self._scan_l2(self.l2_table(l2_offset), table_start, pos, table_end)
+            pos = table_end
+
+    def _scan_l2(self, table: np.ndarray[Any, Any], table_start: int, start: int,
+                 end: int) -> Iterator[Extent]:
+        geo = self.geo
+        cs = geo.cluster_size
+        first = (start - table_start) // cs
+        last = -(-(end - table_start) // cs)
+        kinds, hosts, descs, upc = self._classify(table, first, last)
+        unit = cs // upc
+        base = table_start + first * cs
+        n = len(kinds)
+        # A run breaks where the kind changes, where data stops being contiguous on the
+        # host, and at every compressed cluster (each is its own unit).
+        brk = np.ones(n, dtype=bool)
+        if n > 1:
+            same_kind = kinds[1:] == kinds[:-1]
+            contiguous = hosts[1:] == hosts[:-1] + np.uint64(unit)
+            cluster_idx = np.arange(n) // upc
+            same_cluster = cluster_idx[1:] == cluster_idx[:-1]
+            k = kinds[1:]
+            cont = same_kind & np.where(
+                k == _DATA, contiguous,
+                np.where(k == _COMPRESSED, same_cluster,
+                         np.where(k == _ZERO, (hosts[1:] == 0) & (hosts[:-1] == 0) | contiguous,
+                                  True)))
+            brk[1:] = ~cont
+        starts = np.flatnonzero(brk)
+        bounds = np.append(starts, n)
+        offset_mask, shift = S.compressed_fields(geo.cluster_bits)
+        sector_mask = (1 << (62 - shift)) - 1
+        for i in range(len(starts)):
+            a, b = int(bounds[i]), int(bounds[i + 1])
+            g_start = max(start, base + a * unit)
+            g_end = min(end, base + b * unit)
+            if g_start >= g_end:
+                continue
+            kind = int(kinds[a])
+            host = int(hosts[a])
+            if kind == _UNALLOC:
+                yield Extent(g_start, g_end - g_start, ExtentKind.UNALLOCATED)
+            elif kind == _ZERO:
+                h_off = host + (g_start - (base + a * unit)) if host else None
+                yield Extent(g_start, g_end - g_start, ExtentKind.ZERO, host_offset=h_off)
+            elif kind == _DATA:
+                yield Extent(g_start, g_end - g_start, ExtentKind.DATA,
+                             host_offset=host + (g_start - (base + a * unit)))
+            else:
+                desc = int(descs[a])
+                c_off = desc & offset_mask
+                sectors = ((desc >> shift) & sector_mask) + 1
+                cluster_start = base + (a // upc) * cs
+                yield Extent(g_start, g_end - g_start, ExtentKind.DATA, host_offset=c_off,
+                             compressed=True, stored_length=sectors * 512 - (c_off & 511),
+                             unit_length=cs, inner_offset=g_start - cluster_start)
+
+    def _classify(self, table: np.ndarray[Any, Any], first: int, last: int,
+                  ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any], int]:
+        """Per-unit kind, host offset and raw descriptor for clusters [first, last)."""
+        has_data_file = self.header.incompatible_features & S.INCOMPAT_DATA_FILE
+        if not self.geo.extended_l2:
+            e = table[first:last]
+            compressed = (e & np.uint64(S.OFLAG_COMPRESSED)) != 0
+            off = e & np.uint64(S.L2E_OFFSET_MASK)
+            zero = (e & np.uint64(S.OFLAG_ZERO)) != 0
+            allocated = off != 0
+            if has_data_file:
+                allocated |= (e & np.uint64(S.OFLAG_COPIED)) != 0
+            kinds = np.where(compressed, _COMPRESSED,
+                             np.where(zero, _ZERO, np.where(allocated, _DATA, _UNALLOC)))
+            hosts = np.where(compressed, np.uint64(0), off)
+            return kinds.astype(np.int8), hosts.astype(np.uint64), e, 1
+        upc = S.EXTL2_SUBCLUSTERS
+        unit = self.geo.cluster_size // upc
+        std = table[2 * first:2 * last:2]
+        bitmap = table[2 * first + 1:2 * last:2]
+        compressed = (std & np.uint64(S.OFLAG_COMPRESSED)) != 0
+        off = std & np.uint64(S.L2E_OFFSET_MASK)
+        bits = np.arange(upc, dtype=np.uint64)
+        alloc = ((bitmap[:, None] >> bits) & np.uint64(1)).astype(bool)
+        zero = ((bitmap[:, None] >> (bits + np.uint64(32))) & np.uint64(1)).astype(bool)
+        comp = np.repeat(compressed, upc).reshape(-1, upc)
+        kinds = np.where(comp, _COMPRESSED,
+                         np.where(zero, _ZERO, np.where(alloc, _DATA, _UNALLOC))).astype(np.int8)
+        sub_hosts = off[:, None] + bits * np.uint64(unit)
+        hosts = np.where((kinds == _DATA) | ((kinds == _ZERO) & (off[:, None] != 0)), sub_hosts,
+                         np.uint64(0))
+        descs = np.repeat(std, upc)
+        return kinds.reshape(-1), hosts.reshape(-1).astype(np.uint64), descs, upc
+
+    def read_host(self, extent: Extent, buf: memoryview) -> None:
+        host = self.data_host
+        if host is None:
+            raise UnsupportedFeature(
+                "external data file", path=self.path,
+                detail=f"guest data lives in '{self.data_file_name}'",
+                hint="pass --allow-data-file (API: allow_data_file=True) if you trust this image")
+        assert extent.host_offset is not None
+        if extent.compressed:
+            host = self.host  # compressed clusters never live in a data file
+        got = os.preadv(host.fd, [buf], extent.host_offset)
+        if got < len(buf):
+            # qemu reads past the end of the file as zeros (a last cluster written short)
+            buf[max(got, 0):] = bytes(len(buf) - max(got, 0))
+
+    # -- information -----------------------------------------------------------------------
+
+    def info(self) -> ImageInfo:
+        h = self.header
+        specific: dict[str, Any] = {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "compression-type": S.COMPRESSION_NAMES.get(h.compression_type, "zlib"),
+        }
+        if h.version >= 3:
+            specific["lazy-refcounts"] = bool(h.compatible_features & S.COMPAT_LAZY_REFCOUNTS)
+        specific["refcount-bits"] = 1 << h.refcount_order
+        if h.incompatible_features & S.INCOMPAT_DATA_FILE:
+            specific["data-file"] = self.data_file_name
+            specific["data-file-raw"] = bool(h.autoclear_features & S.AUTOCLEAR_DATA_FILE_RAW)
+        if h.version >= 3:
+            specific["corrupt"] = bool(h.incompatible_features & S.INCOMPAT_CORRUPT)
+            specific["extended-l2"] = self.geo.extended_l2
+        info = ImageInfo(
+            filename=self.path, format="qcow2", virtual_size=self.virtual_size,
+            actual_size=self.host.allocated, cluster_size=self.geo.cluster_size,
+            dirty=bool(h.incompatible_features & S.INCOMPAT_DIRTY),
+            format_specific={"type": "qcow2", "data": specific},
+            snapshots=[SnapshotInfo(
+                id=s.id_str, name=s.name, vm_state_size=s.vm_state_size_large,
+                date_sec=s.date_sec, date_nsec=s.date_nsec, vm_clock_nsec=s.vm_clock_nsec,
+                icount=s.icount, disk_size=s.disk_size) for s in self.snapshots],
+        )
+        if self.backing is not None:
+            info.backing_filename = self.backing.filename
+            info.backing_format = self.backing.format
+            try:
+                info.full_backing_filename = resolve_backing_path(self.path, self.backing.filename)
+            except BackingChainError:
+                info.full_backing_filename = self.backing.filename
+        return info
+
+    def check(self) -> CheckResult:
+        from .check import check_qcow2
+
+        return check_qcow2(self)
+
+    def close(self) -> None:
+        if self.data_host is not None and self.data_host is not self.host:
+            self.data_host.close()
+        self.host.close()

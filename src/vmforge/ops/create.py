@@ -1,0 +1,53 @@
+"""``create``: a new empty image, maybe an overlay on a backing file."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..engine.chain import resolve_backing_path
+from ..errors import UsageError
+from ..formats import BackingRef, get_format
+from .image import open_image
+from .output import atomic_output
+
+
+def backing_ref(backing: str | None, backing_fmt: str | None, dest: str,
+                options: Mapping[str, str]) -> tuple[BackingRef | None, int | None]:
+    """The backing reference to store and the backing image's size (opened to check it).
+
+    The name is stored as given (relative names stay relative to the new image, as
+    qemu-img does); the backing file is opened through that resolution to learn its
+    size and format, so a typo fails now rather than at boot.
+    """
+    backing = backing or options.get("backing_file")
+    backing_fmt = backing_fmt or options.get("backing_fmt")
+    if not backing:
+        if backing_fmt:
+            raise UsageError("a backing format was given without a backing file")
+        return None, None
+    target = resolve_backing_path(dest, backing)
+    with open_image(target, backing_fmt) as base:
+        fmt = backing_fmt or base.format
+        return BackingRef(backing, fmt), base.virtual_size
+
+
+def create(path: str, fmt: str, size: int | None = None, options: Mapping[str, str] | None = None,
+           backing: str | None = None, backing_fmt: str | None = None) -> None:
+    """Create an image; ``size`` may be omitted when a backing file gives it.
+
+    Raises UsageError, OptionError, ImageError (backing) or OutputError.
+    """
+    opts = dict(options or {})
+    format_cls = get_format(fmt)
+    ref, backing_size = backing_ref(backing, backing_fmt, path, opts)
+    if size is None:
+        if backing_size is None:
+            raise UsageError("an image size is needed", hint="add a size such as 10G")
+        size = backing_size
+    with atomic_output(path) as tmp:
+        writer = format_cls.create(tmp, size, opts, ref, backing_size)
+        try:
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise

@@ -1,0 +1,35 @@
+"""Writing an output file atomically: a temporary name beside it, renamed at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+from ..errors import OutputError
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str) -> Iterator[str]:
+    """Yield a temporary path in ``dest``'s directory; on success rename it to ``dest``.
+
+    On any exception (including KeyboardInterrupt) the temporary file is removed and
+    ``dest`` is untouched, so a failed convert never leaves a half file under its name.
+    """
+    directory = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(directory):
+        raise OutputError(f"{dest}: directory {directory} does not exist")
+    base = os.path.basename(dest)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".vmforge-tmp", dir=directory)
+    except OSError as err:
+        raise OutputError(f"{dest}: cannot create a file in {directory}: {err.strerror}") from None
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
