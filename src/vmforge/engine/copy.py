@@ -134,7 +134,7 @@ def plan(source: Source, granularity: int, *, explicit_zeroes: bool,
     bottom = source.bottom_depth()
 
     def kind_of(ext: Extent) -> str:
-        if ext.kind is ExtentKind.DATA:
+        if ext.kind is ExtentKind.DATA and not ext.hole:
             return DATA
         if not sparse:
             return DATA

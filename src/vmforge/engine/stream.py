@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..model import Extent, ExtentKind
+from ..model import Extent
 from .chain import Chain
 from .codec import decompress
 
@@ -47,7 +47,7 @@ class ExtentStream:
 
     def read_extent(self, ext: Extent, out: memoryview) -> None:
         """Write the guest bytes of one resolved extent into ``out`` (len == ext.length)."""
-        if ext.kind is not ExtentKind.DATA:
+        if ext.reads_zero:
             out[:] = bytes(len(out)) if len(out) <= 1 << 16 else _zeros(len(out))
             return
         layer = self.chain.layers[ext.depth]

@@ -8,6 +8,7 @@ writers. Readers describe one layer as extents; writers consume data and zeros.
 from __future__ import annotations
 
 import abc
+import errno
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -102,6 +103,38 @@ class HostFile:
             self.fd = -1
 
 
+def file_data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """``(start, end, is_data)`` runs of a host file from SEEK_DATA/SEEK_HOLE.
+
+    Past the end of the file is a hole. File systems without SEEK_DATA report all data.
+    """
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # nothing but hole from here on
+                yield pos, end, False
+                return
+            yield pos, end, True  # no SEEK_DATA support: treat as data
+            return
+        data = min(data, end)
+        if data > pos:
+            yield pos, data, False
+            pos = data
+            if pos >= end:
+                return
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        hole = min(hole, end)
+        if hole <= pos:  # a racing writer; report the rest as data rather than loop
+            hole = end
+        yield pos, hole, True
+        pos = hole
+
+
 def _blockdev_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
@@ -133,7 +166,7 @@ class ImageReader(abc.ABC):
         raise UnsupportedFeature("checks", path=self.path,
                                  detail=f"the {self.format_name} format has no metadata to check")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most readers override it
         """Release file handles."""
 
     def __enter__(self) -> ImageReader:

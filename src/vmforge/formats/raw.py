@@ -6,14 +6,22 @@ a sparse 1 TiB file with 64 MiB of data costs the time of 64 MiB.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator, Mapping
 
 from ..errors import OptionError, OutputError
-from ..model import Extent, ExtentKind
+from ..model import Extent, ExtentKind, align_up
 from ..model.info import ImageInfo
-from .base import BackingRef, Capabilities, Format, HostFile, ImageReader, ImageWriter, OpenOptions
+from .base import (
+    BackingRef,
+    Capabilities,
+    Format,
+    HostFile,
+    ImageReader,
+    ImageWriter,
+    OpenOptions,
+    file_data_runs,
+)
 
 
 class RawReader(ImageReader):
@@ -22,36 +30,23 @@ class RawReader(ImageReader):
     def __init__(self, path: str) -> None:
         self.host = HostFile(path)
         self.path = path
-        self.virtual_size = self.host.size
+        # qemu sees a raw file in whole 512-byte sectors; the tail reads as zeros
+        self.virtual_size = align_up(self.host.size, 512)
 
     def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
         end = min(start + length, self.virtual_size)
-        pos = start
-        fd = self.host.fd
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:  # no data after pos: a hole to the end
-                    data = end
-                else:  # file system without SEEK_DATA: all data
-                    yield Extent(pos, end - pos, ExtentKind.DATA, host_offset=pos)
-                    return
-            data = min(data, end)
-            if data > pos:
-                yield Extent(pos, data - pos, ExtentKind.ZERO, host_offset=pos)
-                pos = data
-                if pos >= end:
-                    break
-            try:
-                hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            except OSError:
-                hole = end
-            hole = min(hole, end)
-            if hole <= pos:  # racing writer; treat the rest as data rather than loop
-                hole = end
-            yield Extent(pos, hole - pos, ExtentKind.DATA, host_offset=pos)
-            pos = hole
+        file_end = self.host.size
+        if end > file_end:
+            yield from self._extents_in_file(start, min(end, file_end))
+            tail = max(start, file_end)
+            yield Extent(tail, end - tail, ExtentKind.ZERO, host_offset=tail)
+            return
+        yield from self._extents_in_file(start, end)
+
+    def _extents_in_file(self, start: int, end: int) -> Iterator[Extent]:
+        for s, e, is_data in file_data_runs(self.host.fd, start, end):
+            kind = ExtentKind.DATA if is_data else ExtentKind.ZERO
+            yield Extent(s, e - s, kind, host_offset=s)
 
     def read_host(self, extent: Extent, buf: memoryview) -> None:
         assert extent.host_offset is not None

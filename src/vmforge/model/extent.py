@@ -29,6 +29,9 @@ class Extent:
     For compressed data, the bytes are not addressable one by one: ``host_offset`` and
     ``stored_length`` locate the compressed unit, ``unit_length`` is its decompressed
     size, and ``inner_offset`` is where ``start`` falls inside the decompressed unit.
+    ``hole`` marks DATA whose host bytes are known to read as zeros (a file-system hole
+    under a preallocated cluster): qemu-img map shows it as data and zero, and the
+    engine never reads it.
     """
 
     start: int
@@ -40,6 +43,7 @@ class Extent:
     stored_length: int = 0
     unit_length: int = 0
     inner_offset: int = 0
+    hole: bool = False
 
     @property
     def end(self) -> int:
@@ -51,7 +55,7 @@ class Extent:
 
     @property
     def reads_zero(self) -> bool:
-        return self.kind is not ExtentKind.DATA
+        return self.kind is not ExtentKind.DATA or self.hole
 
     def clip(self, start: int, end: int) -> Extent:
         """The part of this extent inside ``[start, end)`` (which must overlap it)."""
@@ -72,6 +76,8 @@ class Extent:
         """True when ``nxt`` continues this extent so that qemu-img map would merge them."""
         if nxt.start != self.end or nxt.kind is not self.kind or nxt.depth != self.depth:
             return False
+        if nxt.hole != self.hole:
+            return False
         if self.compressed or nxt.compressed:
             return False
         if self.host_offset is None or nxt.host_offset is None:
@@ -88,7 +94,7 @@ class Extent:
             "length": self.length,
             "depth": self.depth,
             "present": self.present,
-            "zero": self.kind is not ExtentKind.DATA,
+            "zero": self.reads_zero,
             "data": self.kind is ExtentKind.DATA,
         }
         if self.host_offset is not None and not self.compressed:

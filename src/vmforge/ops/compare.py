@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine.stream import ExtentStream
-from ..model import ExtentKind
 from .image import Image
 
 CHUNK = 4 << 20
@@ -28,7 +27,7 @@ def _first_difference(a: bytes, b: bytes) -> int:
 
 def _zero_runs(image: Image, start: int, end: int) -> list[tuple[int, int, bool]]:
     """(start, end, reads_zero) for the image over [start, end)."""
-    return [(e.start, e.end, e.kind is not ExtentKind.DATA)
+    return [(e.start, e.end, e.reads_zero)
             for e in image.iter_extents(start, end - start)]
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from ..engine.copy import ChainSource, ConcatSource, CopyStats, Progress, Source, copy
 from ..errors import OutputError, UnsupportedFeature, UsageError
 from ..formats import get_format
+from ..model import align_up
 from .create import backing_ref
 from .image import Image, open_image
 from .output import atomic_output
@@ -68,7 +69,7 @@ def convert(
             if img.path == dest:
                 raise UsageError(f"{dest} is both a source and the destination")
         with atomic_output(dest) as tmp:
-            writer = format_cls.create(tmp, source.virtual_size, opts, ref, None)
+            writer = format_cls.create(tmp, align_up(source.virtual_size, 512), opts, ref, None)
             try:
                 stats = copy(source, writer, explicit_zeroes=ref is not None,
                              sparse=sparse_size > 0, sparse_size=max(sparse_size, 512),

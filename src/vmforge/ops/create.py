@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from ..engine.chain import resolve_backing_path
 from ..errors import UsageError
 from ..formats import BackingRef, get_format
+from ..model import align_up
 from .image import open_image
 from .output import atomic_output
 
@@ -44,6 +45,7 @@ def create(path: str, fmt: str, size: int | None = None, options: Mapping[str, s
         if backing_size is None:
             raise UsageError("an image size is needed", hint="add a size such as 10G")
         size = backing_size
+    size = align_up(size, 512)  # qemu-img rounds every new image up to whole sectors
     with atomic_output(path) as tmp:
         writer = format_cls.create(tmp, size, opts, ref, backing_size)
         try:

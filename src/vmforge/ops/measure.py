@@ -50,7 +50,7 @@ def _data_bytes(image: Image, cluster_size: int) -> int:
     required = 0
     cursor = 0
     for ext in image.iter_extents():
-        if ext.end <= cursor or ext.kind is not ExtentKind.DATA:
+        if ext.end <= cursor or ext.kind is not ExtentKind.DATA or ext.hole:
             continue
         start = max(ext.start, cursor)
         end = align_up(ext.end, cluster_size)
@@ -85,7 +85,9 @@ def measure(out_fmt: str, *, size: int | None = None, image: Image | None = None
         required = virtual
     full = qcow2_prealloc_size(virtual, cs, q.refcount_order, q.extended_l2)
     out: dict[str, Any] = {}
-    if q.version >= 3 and image is not None and image.format == "qcow2":
+    # qemu shows bitmaps when both sides can hold persistent bitmaps (qcow2 v3)
+    if q.version >= 3 and image is not None and image.format == "qcow2" and (
+            image.info().format_specific.get("data", {}).get("compat") == "1.1"):
         out["bitmaps"] = 0
     out["required"] = full - virtual + required
     out["fully-allocated"] = full

@@ -164,8 +164,7 @@ def _stored_refcounts(reader: Qcow2Reader, refs: _Refs, res: CheckResult,
     raw = reader.host.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
     table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
     limit = max(nb_clusters, len(refs.counts))
-    blocks_needed = -(-limit // per_block)
-    stored = np.zeros(max(len(table), blocks_needed) * per_block, dtype=np.uint64)
+    stored = np.zeros(limit, dtype=np.uint64)
     for i, entry in enumerate(table.tolist()):
         off = entry & S.REFT_OFFSET_MASK
         if not off:
@@ -180,8 +179,12 @@ def _stored_refcounts(reader: Qcow2Reader, refs: _Refs, res: CheckResult,
             res.messages.append(f"ERROR refcount block {i} is outside image")
             continue
         refs.add_range(off, cs)
-        block = reader.host.pread(off, cs)
-        stored[i * per_block:(i + 1) * per_block] = unpack_refcounts(block, bits)
+        first = i * per_block
+        if first >= limit:
+            continue  # covers only clusters past anything that exists or is referenced
+        counts = unpack_refcounts(reader.host.pread(off, cs), bits)
+        n = min(per_block, limit - first)
+        stored[first:first + n] = counts[:n]
     return stored
 
 

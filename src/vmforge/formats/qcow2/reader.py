@@ -24,11 +24,12 @@ from ...errors import (
     LimitExceeded,
     TruncatedImage,
     UnsupportedFeature,
+    VmforgeError,
 )
 from ...model import Extent, ExtentKind
 from ...model.check import CheckResult
 from ...model.info import ImageInfo, SnapshotInfo
-from ..base import BackingRef, HostFile, ImageReader, OpenOptions
+from ..base import BackingRef, HostFile, ImageReader, OpenOptions, file_data_runs
 from . import structs as S
 
 _L2_CACHE_TABLES = 64
@@ -253,7 +254,8 @@ class Qcow2Reader(ImageReader):
                 raise CorruptImage("snapshot L1 table is too small for its disk size", path=self.path)
         self.l1 = self.read_l1(l1_offset, l1_size)
         self._l2_cache: OrderedDict[int, np.ndarray[Any, Any]] = OrderedDict()
-        self._l2_lock = threading.Lock()  # the copy pipeline maps from several threads
+        self._l2_lock = threading.Lock()
+        self._prealloc: bool | None = None  # the copy pipeline maps from several threads
 
     def _open_data_file(self, options: OpenOptions) -> None:
         if options.untrusted:
@@ -375,8 +377,7 @@ class Qcow2Reader(ImageReader):
             cont = same_kind & np.where(
                 k == _DATA, contiguous,
                 np.where(k == _COMPRESSED, same_cluster,
-                         np.where(k == _ZERO, (hosts[1:] == 0) & (hosts[:-1] == 0) | contiguous,
-                                  True)))
+                         ((hosts[1:] == 0) & (hosts[:-1] == 0)) | contiguous))
             brk[1:] = ~cont
         starts = np.flatnonzero(brk)
         bounds = np.append(starts, n)
@@ -391,13 +392,17 @@ class Qcow2Reader(ImageReader):
             kind = int(kinds[a])
             host = int(hosts[a])
             if kind == _UNALLOC:
-                yield Extent(g_start, g_end - g_start, ExtentKind.UNALLOCATED)
+                h_off = host + (g_start - (base + a * unit)) if host else None
+                yield Extent(g_start, g_end - g_start, ExtentKind.UNALLOCATED, host_offset=h_off)
             elif kind == _ZERO:
                 h_off = host + (g_start - (base + a * unit)) if host else None
                 yield Extent(g_start, g_end - g_start, ExtentKind.ZERO, host_offset=h_off)
             elif kind == _DATA:
-                yield Extent(g_start, g_end - g_start, ExtentKind.DATA,
-                             host_offset=host + (g_start - (base + a * unit)))
+                h_off = host + (g_start - (base + a * unit))
+                if self.metadata_preallocated():
+                    yield from self._split_holes(g_start, g_end, h_off)
+                else:
+                    yield Extent(g_start, g_end - g_start, ExtentKind.DATA, host_offset=h_off)
             else:
                 desc = int(descs[a])
                 c_off = desc & offset_mask
@@ -406,6 +411,52 @@ class Qcow2Reader(ImageReader):
                 yield Extent(g_start, g_end - g_start, ExtentKind.DATA, host_offset=c_off,
                              compressed=True, stored_length=sectors * 512 - (c_off & 511),
                              unit_length=cs, inner_offset=g_start - cluster_start)
+
+    def metadata_preallocated(self) -> bool:
+        """Whether qemu would look through allocated clusters for file-system holes.
+
+        QEMU (block/qcow2.c, qcow2_detect_metadata_preallocation) does so when far more
+        clusters are referenced than the file has blocks allocated; we decide the same
+        way so that ``map`` agrees with qemu-img and holes are never read.
+        """
+        if self._prealloc is None:
+            self._prealloc = False
+            if self.data_host is self.host:
+                cs = self.geo.cluster_size
+                real = self.host.allocated // cs
+                threshold = max(real * 10 // 9, real + 2)
+                try:
+                    used = self._count_referenced_clusters(-(-self.host.size // cs), threshold)
+                except VmforgeError:
+                    used = 0
+                self._prealloc = used >= threshold
+        return self._prealloc
+
+    def _count_referenced_clusters(self, end_cluster: int, stop_at: int) -> int:
+        from .writer import unpack_refcounts
+
+        h = self.header
+        cs = self.geo.cluster_size
+        bits = 1 << h.refcount_order
+        per_block = cs * 8 // bits
+        table = np.frombuffer(self.host.pread(h.refcount_table_offset,
+                                              h.refcount_table_clusters * cs), dtype=">u8")
+        count = 0
+        for i, entry in enumerate(table.tolist()):
+            if i * per_block >= end_cluster or count >= stop_at:
+                break
+            off = entry & S.REFT_OFFSET_MASK
+            if not off or off % cs or off + cs > self.host.size:
+                continue
+            counts = unpack_refcounts(self.host.pread(off, cs), bits)
+            count += int(np.count_nonzero(counts[: end_cluster - i * per_block]))
+        return count
+
+    def _split_holes(self, g_start: int, g_end: int, host: int) -> Iterator[Extent]:
+        assert self.data_host is not None
+        for s, e, is_data in file_data_runs(self.data_host.fd, host, host + (g_end - g_start)):
+            yield Extent(g_start + (s - host), e - s, ExtentKind.DATA, host_offset=s,
+                         hole=not is_data)
 
     def _classify(self, table: np.ndarray[Any, Any], first: int, last: int,
                   ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any], int]:
@@ -436,8 +487,9 @@ class Qcow2Reader(ImageReader):
         kinds = np.where(comp, _COMPRESSED,
                          np.where(zero, _ZERO, np.where(alloc, _DATA, _UNALLOC))).astype(np.int8)
         sub_hosts = off[:, None] + bits * np.uint64(unit)
-        hosts = np.where((kinds == _DATA) | ((kinds == _ZERO) & (off[:, None] != 0)), sub_hosts,
-                         np.uint64(0))
+        # every non-compressed subcluster of an allocated cluster has a host offset,
+        # even when it reads as zero or is unallocated (qemu map reports it)
+        hosts = np.where((kinds != _COMPRESSED) & (off[:, None] != 0), sub_hosts, np.uint64(0))
         descs = np.repeat(std, upc)
         return kinds.reshape(-1), hosts.reshape(-1).astype(np.uint64), descs, upc
 
