@@ -68,6 +68,8 @@ def register(sub: Sub) -> None:
     p.add_argument("-B", dest="backing", help="make the output an overlay on this backing file")
     p.add_argument("-F", dest="backing_fmt", help="format of the -B backing file")
     p.add_argument("-l", dest="snapshot", help="read this internal snapshot (id or name)")
+    p.add_argument("-n", dest="skip_create", action="store_true",
+                   help="write into an existing destination instead of creating it")
     p.add_argument("-m", dest="workers", type=int, help="parallel workers (default: CPUs)")
     p.add_argument("-q", action="store_true", help="quiet")
     add_safety(p)
@@ -199,7 +201,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             sources, dest, args.out_fmt, src_fmt=args.fmt, options=options,
             compress=args.compress, backing=args.backing, backing_fmt=args.backing_fmt,
             sparse_size=args.sparse, progress=bar, workers=args.workers, snapshot=args.snapshot,
-            untrusted=args.untrusted, allow_data_file=args.allow_data_file)
+            untrusted=args.untrusted, allow_data_file=args.allow_data_file,
+            skip_create=args.skip_create)
     if args.progress and not args.q:
         took = time.perf_counter() - started
         print(f"{dest}: {human_size(stats.written_bytes)} written from "
@@ -317,7 +320,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_formats(args: argparse.Namespace) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for fmt in list_formats():
         caps = fmt.capabilities
         rows.append({

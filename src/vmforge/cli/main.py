@@ -74,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         name = f"{err.filename}: " if err.filename else ""
         return die(f"{name}{err.strerror or err}")
+    except Exception as err:  # a bug: still one line, the traceback with --debug
+        if debug:
+            raise
+        return die(f"internal error: {type(err).__name__}: {err}",
+                   "this is a vmforge bug; rerun with --debug and report the traceback")
 
 
 def run() -> None:

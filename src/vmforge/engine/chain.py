@@ -61,9 +61,10 @@ class Chain:
             length = size - start
         end = min(size, start + length)
         if start >= end:
-            return iter(())
+            return iter([])
         limit = len(self.layers) - 1 if max_depth is None else min(max_depth, len(self.layers) - 1)
-        return coalesce(self._resolve(0, start, end, limit))
+        merged: Iterator[Extent] = coalesce(self._resolve(0, start, end, limit))
+        return merged
 
     def _resolve(self, depth: int, start: int, end: int, limit: int) -> Iterator[Extent]:
         layer = self.layers[depth]

@@ -37,6 +37,7 @@ def _fast_zlib() -> tuple[ModuleType, str]:
 
 FAST_ZLIB, DEFLATE_BACKEND = _fast_zlib()
 
+_zstd: Any
 try:
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - zstandard is a declared dependency
@@ -99,7 +100,7 @@ class _ThreadLocalCompressor:
         return obj
 
 
-def decompress(codec: str, stored: bytes | memoryview, out_len: int, *, path: str | None = None,
+def decompress(codec: str, stored: bytes | bytearray | memoryview, out_len: int, *, path: str | None = None,
                offset: int | None = None) -> bytes:
     """Decompress one unit to exactly ``out_len`` bytes; trailing bytes after the stream are ignored.
 

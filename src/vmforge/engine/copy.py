@@ -196,11 +196,34 @@ class _Chunk:
     compressed: list[tuple[int, bytes | None]] | None = None  # per unit when compressing
 
 
+class _BufferPool:
+    """Reused chunk buffers: fresh large allocations cost a page fault per 4 KiB."""
+
+    def __init__(self, size: int) -> None:
+        import threading
+
+        self.size = size
+        self.free: list[bytearray] = []
+        self.lock = threading.Lock()
+
+    def take(self, length: int) -> bytearray:
+        """A buffer of at least ``length`` bytes (contents undefined)."""
+        if length > self.size:
+            return bytearray(length)
+        with self.lock:
+            return self.free.pop() if self.free else bytearray(self.size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(buf) == self.size:
+            with self.lock:
+                self.free.append(buf)
+
+
 def _zero_runs(buf: bytearray, length: int, g: int, base: int) -> list[tuple[int, int, bool]]:
     """Split ``buf[:length]`` into runs of whole g-blocks that are all zero or not."""
-    blocks = len(buf) // g
-    arr = np.frombuffer(buf, dtype=np.uint64).reshape(blocks, g // 8)
-    nonzero = arr.any(axis=1)
+    blocks = -(-length // g)
+    arr = np.frombuffer(buf, dtype=np.uint64, count=blocks * g // 8).reshape(blocks, g // 8)
+    nonzero: np.ndarray[Any, Any] = np.asarray(arr.any(axis=1))
     edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
     bounds = [0, *edges.tolist(), blocks]
     runs = []
@@ -236,10 +259,13 @@ def copy(
     size = source.virtual_size
 
     local = _ThreadReaders(source)
+    pool_buffers = _BufferPool(-(-CHUNK // g) * g)
 
     def work(offset: int, length: int) -> _Chunk:
         padded = -(-length // g) * g
-        buf = bytearray(padded)
+        buf = pool_buffers.take(padded)
+        if padded > length:
+            buf[length:padded] = bytes(padded - length)
         local.get().readinto(offset, memoryview(buf)[:length])
         runs = _zero_runs(buf, length, g, offset) if sparse else [(offset, length, False)]
         chunk = _Chunk(offset, length, runs, buf)
@@ -285,6 +311,7 @@ def copy(
                 chunk = fut.result()
                 stats.read_bytes += chunk.length
                 _store(writer, chunk, explicit_zeroes, stats, size, g)
+                pool_buffers.give(chunk.data)
             if k != SKIP:
                 done += n
             writer.flush_before(s + n)

@@ -252,4 +252,10 @@ class Format(abc.ABC):
         backing_size: int | None = None,
     ) -> ImageWriter:
         """Start a new image file at ``path``."""
-        raise TypeError(f"vmforge cannot write {cls.name} images")
+        raise UnsupportedFeature(f"writing {cls.name} images")
+
+    @classmethod
+    def open_for_write(cls, path: str) -> ImageWriter:
+        """Reopen an existing image to write guest data into it (``convert -n``)."""
+        raise UnsupportedFeature(f"writing into an existing {cls.name} image",
+                                 hint="convert into a new file instead of using -n")

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from ..errors import OptionError, OutputError
 from ..model import Extent, ExtentKind, align_up
 from ..model.info import ImageInfo
+from ..util.fileio import pwrite_all, write_zeros, zero_range
 from .base import (
     BackingRef,
     Capabilities,
@@ -66,13 +67,19 @@ PREALLOC_MODES = ("off", "falloc", "full")
 class RawWriter(ImageWriter):
     granularity = 4096
 
-    def __init__(self, path: str, size: int, preallocation: str = "off") -> None:
+    def __init__(self, path: str, size: int, preallocation: str = "off",
+                 existing: bool = False) -> None:
         self.path = path
         self.virtual_size = size
+        flags = os.O_RDWR | os.O_CLOEXEC | (0 if existing else os.O_CREAT | os.O_TRUNC)
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            self.fd = os.open(path, flags, 0o644)
         except OSError as err:
-            raise OutputError(f"{path}: cannot create: {err.strerror}") from None
+            raise OutputError(f"{path}: cannot open for writing: {err.strerror}") from None
+        if existing:
+            # a file or a block device: its current size is the disk size
+            self.virtual_size = os.lseek(self.fd, 0, os.SEEK_END)
+            return
         try:
             os.ftruncate(self.fd, size)
             if preallocation == "falloc" and size:
@@ -87,14 +94,10 @@ class RawWriter(ImageWriter):
         pwrite_all(self.fd, data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        # A new file reads zero already; punch a hole in case this range was written.
-        try:
-            os.fallocate(self.fd, 0x02 | 0x01, offset, length)  # PUNCH_HOLE | KEEP_SIZE
-        except (OSError, AttributeError):
-            write_zeros(self.fd, offset, length)
+        # a hole where the file system can punch one (block devices get zero bytes)
+        zero_range(self.fd, offset, length)
 
     def finish(self) -> None:
-        os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
 
@@ -102,24 +105,6 @@ class RawWriter(ImageWriter):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite until everything is written (short writes happen on some file systems)."""
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def write_zeros(fd: int, offset: int, length: int) -> None:
-    chunk = bytes(min(length, 1 << 20))
-    while length > 0:
-        n = min(length, len(chunk))
-        pwrite_all(fd, memoryview(chunk)[:n], offset)
-        offset += n
-        length -= n
 
 
 class RawFormat(Format):
@@ -151,3 +136,7 @@ class RawFormat(Format):
             raise OptionError(f"invalid preallocation '{prealloc}' for raw", option="preallocation",
                               hint="choose one of: " + ", ".join(PREALLOC_MODES))
         return RawWriter(path, size, prealloc)
+
+    @classmethod
+    def open_for_write(cls, path: str) -> ImageWriter:
+        return RawWriter(path, 0, existing=True)

@@ -120,5 +120,9 @@ class Qcow2Format(Format):
                               if k not in ("backing_file", "backing_fmt")})
         return Qcow2Writer(path, size, opts, backing)
 
+    @classmethod
+    def open_for_write(cls, path: str) -> ImageWriter:
+        return Qcow2Writer.open_existing(path)
+
 
 __all__ = ["Qcow2Format", "Qcow2Reader", "Qcow2Writer", "Qcow2Options", "parse_options"]

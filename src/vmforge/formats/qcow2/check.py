@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import VmforgeError
+from ...errors import CorruptImage, VmforgeError
 from ...model.check import CheckResult
 from . import structs as S
 from .reader import Qcow2Reader
@@ -214,6 +214,17 @@ def _count_bitmaps(reader: Qcow2Reader, refs: _Refs, res: CheckResult) -> None:
             refs.add_clusters(offs[offs != 0] // np.uint64(reader.geo.cluster_size))
             entry_len = 24 + extra + name_size
             pos += entry_len + (-entry_len % 8)
+
+
+def stored_refcounts(reader: Qcow2Reader, nb_clusters: int) -> np.ndarray[Any, Any]:
+    """The stored refcount of every host cluster below ``nb_clusters`` (for reopening)."""
+    res = CheckResult(filename=reader.path, format="qcow2")
+    refs = _Refs(nb_clusters, reader.geo.cluster_size)
+    stored = _stored_refcounts(reader, refs, res, nb_clusters)
+    if res.corruptions:
+        raise CorruptImage("the refcount table is damaged", path=reader.path,
+                           hint="run 'vmforge check' on it")
+    return stored[:nb_clusters].copy()
 
 
 def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckResult,

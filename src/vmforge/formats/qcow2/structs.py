@@ -185,7 +185,7 @@ class SnapshotEntry:
     @classmethod
     def unpack_fixed(cls, data: bytes) -> tuple[int, int, int, int, int, int, int, int, int]:
         """(l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vmstate, extra_len)."""
-        return _SNAPSHOT.unpack_from(data, 0)  # type: ignore[return-value]
+        return _SNAPSHOT.unpack_from(data, 0)
 
     def pack(self) -> bytes:
         ident = self.id_str.encode()

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ...engine.codec import compressor as make_compressor
-from ...errors import OutputError
-from ..base import BackingRef, ImageWriter
-from ..raw import pwrite_all, write_zeros
+from ...errors import OutputError, ReadOnlyImage, UnsupportedFeature
+from ...util.fileio import pwrite_all, write_zeros
+from ..base import BackingRef, ImageWriter, OpenOptions
 from . import structs as S
 
 
@@ -51,6 +51,17 @@ class _L2:
 class Qcow2Writer(ImageWriter):
     def __init__(self, path: str, size: int, opts: Qcow2Options,
                  backing: BackingRef | None = None) -> None:
+        self._setup(path, size, opts, backing)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise OutputError(f"{path}: cannot create: {err.strerror}") from None
+        self.extensions: list[S.HeaderExtension] | None = None  # kept as-is when reopening
+        self.keep_features = (0, 0, 0)  # incompatible, compatible, autoclear bits to keep
+        if opts.preallocation != "off":
+            self._preallocate()
+
+    def _setup(self, path: str, size: int, opts: Qcow2Options, backing: BackingRef | None) -> None:
         self.path = path
         self.virtual_size = size
         self.opts = opts
@@ -72,12 +83,75 @@ class Qcow2Writer(ImageWriter):
         self.offset_mask, self.csize_shift = S.compressed_fields(opts.cluster_bits)
         codec = "zstd" if opts.compression_type == S.COMPRESSION_ZSTD else "deflate"
         self._codec = codec
+        self.extensions = None
+        self.keep_features = (0, 0, 0)
+
+    @classmethod
+    def open_existing(cls, path: str) -> Qcow2Writer:
+        """Reopen an existing image to write guest data into it (``convert -n``).
+
+        Data and L2 tables are updated in place; L1 and the refcount structures are
+        written anew at the end and the old ones freed. Images this cannot update
+        safely are refused: corrupt or dirty ones, external data files, internal
+        snapshots and persistent bitmaps (their shared clusters would need
+        copy-on-write, which arrives with the snapshot commands).
+        """
+        from .reader import Qcow2Reader
+
+        reader = Qcow2Reader(path, OpenOptions())
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            raise OutputError(f"{path}: cannot create: {err.strerror}") from None
-        if opts.preallocation != "off":
-            self._preallocate()
+            h = reader.header
+            if h.incompatible_features & S.INCOMPAT_CORRUPT:
+                raise ReadOnlyImage("image is marked corrupt; vmforge will not write to it",
+                                    path=path)
+            if h.incompatible_features & S.INCOMPAT_DIRTY:
+                raise ReadOnlyImage("image has the dirty bit set (refcounts may be stale)",
+                                    path=path, hint="run 'vmforge check' and repair it first")
+            for bit, what in ((S.INCOMPAT_DATA_FILE, "external data file"),):
+                if h.incompatible_features & bit:
+                    raise UnsupportedFeature(f"writing into an image with an {what}", path=path)
+            if h.nb_snapshots:
+                raise UnsupportedFeature("writing into an image with internal snapshots", path=path,
+                                         hint="convert into a new file instead of using -n")
+            if h.autoclear_features & S.AUTOCLEAR_BITMAPS:
+                raise UnsupportedFeature("writing into an image with persistent bitmaps", path=path)
+            opts = Qcow2Options(
+                version=h.version, cluster_bits=h.cluster_bits,
+                compression_type=h.compression_type, preallocation="off",
+                lazy_refcounts=bool(h.compatible_features & S.COMPAT_LAZY_REFCOUNTS),
+                refcount_order=h.refcount_order,
+                extended_l2=bool(h.incompatible_features & S.INCOMPAT_EXTL2))
+            self = cls.__new__(cls)
+            self._setup(path, h.size, opts, reader.backing)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            cs = self.cs
+            self.l1 = reader.l1.copy()
+            nb = -(-reader.host.size // cs)
+            from .check import stored_refcounts
+
+            self.refcounts = stored_refcounts(reader, nb)
+            self.next_host = nb * cs
+            # the old L1 and refcount structures are replaced when finishing
+            self._unref_range(h.l1_table_offset, h.l1_size * 8)
+            self._unref_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
+            table = np.frombuffer(reader.host.pread(h.refcount_table_offset,
+                                                    h.refcount_table_clusters * cs), dtype=">u8")
+            for entry in table.tolist():
+                if entry & S.REFT_OFFSET_MASK:
+                    self._unref_range(entry & S.REFT_OFFSET_MASK, cs)
+            self.extensions = list(reader.extensions)
+            self.keep_features = (h.incompatible_features & ~S.INCOMPAT_DIRTY,
+                                  h.compatible_features, h.autoclear_features)
+            return self
+        finally:
+            reader.close()
+
+    def _unref_range(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first, last = offset // self.cs, (offset + length - 1) // self.cs
+        counts = self.refcounts[first:last + 1]
+        counts[counts > 0] -= np.uint64(1)
 
     # -- host cluster accounting -----------------------------------------------------------
 
@@ -194,8 +268,16 @@ class Qcow2Writer(ImageWriter):
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero whole clusters (the engine aligns zero runs to the cluster size)."""
         cs = self.cs
-        if offset % cs or (length % cs and offset + length != self.virtual_size):
-            raise ValueError("qcow2 zero writes must cover whole clusters")
+        if offset % cs:
+            raise ValueError("qcow2 zero writes must start on a cluster boundary")
+        end = offset + length
+        if end % cs and end < self.virtual_size:
+            # a partial last cluster (the source ends inside it): zero just that part
+            tail = end - end % cs
+            self._zero_partial(tail, end - tail)
+            if tail == offset:
+                return
+            length = tail - offset
         first, count = offset // cs, -(-length // cs)
         if self.opts.version < 3:
             # version 2 has no zero flag: store real zeros
@@ -220,6 +302,14 @@ class Qcow2Writer(ImageWriter):
                 self._set_zero(first + i, 1)
             return
         self._set_zero(first, count)
+
+    def _zero_partial(self, offset: int, length: int) -> None:
+        entry = int(self._get_range(offset // self.cs, 1)[0])
+        host = entry & S.L2E_OFFSET_MASK
+        if host and not entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO):
+            write_zeros(self.fd, host + offset % self.cs, length)  # keep the rest of it
+        elif not entry & S.OFLAG_ZERO:
+            self.write_zeroes(offset - offset % self.cs, self.cs)
 
     def _set_zero(self, first: int, count: int) -> None:
         if self.entry_words == 2:
@@ -294,7 +384,6 @@ class Qcow2Writer(ImageWriter):
             self._write_header(l1_offset, rt_offset, rt_clusters)
             os.ftruncate(self.fd, max(self.next_host, os.fstat(self.fd).st_size)
                          if self.opts.preallocation != "off" else self.next_host)
-            os.fsync(self.fd)
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -338,10 +427,13 @@ class Qcow2Writer(ImageWriter):
             incompat |= S.INCOMPAT_COMPRESSION
         header_length = (S.V3_HEADER_LENGTH_COMPRESSION if v3 else S.V2_HEADER_LENGTH)
         exts = b""
-        if self.backing is not None and self.backing.format:
-            exts += S.HeaderExtension(S.EXT_BACKING_FORMAT, self.backing.format.encode()).pack()
-        if v3:
-            exts += S.HeaderExtension(S.EXT_FEATURE_TABLE, _feature_table()).pack()
+        if self.extensions is not None:
+            exts = b"".join(e.pack() for e in self.extensions)
+        else:
+            if self.backing is not None and self.backing.format:
+                exts += S.HeaderExtension(S.EXT_BACKING_FORMAT, self.backing.format.encode()).pack()
+            if v3:
+                exts += S.HeaderExtension(S.EXT_FEATURE_TABLE, _feature_table()).pack()
         exts += bytes(8)  # end of extensions
         name = self.backing.filename.encode() if self.backing is not None else b""
         bfo = header_length + len(exts) if name else 0
@@ -350,9 +442,11 @@ class Qcow2Writer(ImageWriter):
             cluster_bits=o.cluster_bits, size=self.virtual_size, crypt_method=0,
             l1_size=self.l1_size, l1_table_offset=l1_offset, refcount_table_offset=rt_offset,
             refcount_table_clusters=rt_clusters, nb_snapshots=0, snapshots_offset=0,
-            incompatible_features=incompat,
-            compatible_features=S.COMPAT_LAZY_REFCOUNTS if o.lazy_refcounts else 0,
-            autoclear_features=0, refcount_order=o.refcount_order, header_length=header_length,
+            incompatible_features=incompat | self.keep_features[0],
+            compatible_features=(S.COMPAT_LAZY_REFCOUNTS if o.lazy_refcounts else 0)
+            | self.keep_features[1],
+            autoclear_features=self.keep_features[2], refcount_order=o.refcount_order,
+            header_length=header_length,
             compression_type=o.compression_type,
         )
         blob = h.pack() + exts + name
@@ -378,7 +472,8 @@ def pack_refcounts(counts: np.ndarray[Any, Any], bits: int) -> bytes:
     per_byte = 8 // bits
     c = counts.astype(np.uint8).reshape(-1, per_byte)
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(c << shifts, axis=1).astype(np.uint8).tobytes()
+    packed: bytes = np.bitwise_or.reduce(c << shifts, axis=1).astype(np.uint8).tobytes()
+    return packed
 
 
 def unpack_refcounts(data: bytes, bits: int) -> np.ndarray[Any, Any]:

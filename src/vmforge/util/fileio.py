@@ -1,0 +1,49 @@
+"""Positioned writes that never go short, zero writes, and hole punching."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite until everything is written (short writes happen on some file systems)."""
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    """Write real zero bytes (for block devices and preallocation=full)."""
+    chunk = bytes(min(length, 1 << 20))
+    while length > 0:
+        n = min(length, len(chunk))
+        pwrite_all(fd, memoryview(chunk)[:n], offset)
+        offset += n
+        length -= n
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range so it reads as zeros; False where the file system cannot."""
+    if _fallocate is None or length <= 0:
+        return False
+    rc = _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    return bool(rc == 0)
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make a range read as zeros: a hole where possible, else zero bytes."""
+    if not punch_hole(fd, offset, length):
+        write_zeros(fd, offset, length)
