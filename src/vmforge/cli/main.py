@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
-from ..errors import VmforgeError
+from ..errors import UsageError, VmforgeError
 from . import images
 from .common import CommandFailed, die
 
@@ -29,8 +30,15 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line with a hint, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"see '{self.prog} --help'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vmforge",
         description="Create, inspect and convert virtual machine disk images.",
         epilog=EPILOG,
@@ -39,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmforge {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and internal detail on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     images.register(sub)
     return parser
@@ -58,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VmforgeError as err:
         if debug:
             raise
-        return die(str(err), err.hint, code=getattr(err, "exit_code", 1))
+        code = 2 if isinstance(err, UsageError) and "args" not in locals() else 1
+        return die(str(err), err.hint, code=code)
     except KeyboardInterrupt:
         if debug:
             raise

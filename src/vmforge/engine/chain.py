@@ -16,32 +16,46 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from ..errors import BackingChainError, VmforgeError
 from ..model import Extent, ExtentKind, coalesce
+from ..model.info import BackingRef
 
-if TYPE_CHECKING:
-    from ..formats.base import ImageReader
+
+class Layer(Protocol):
+    """What the engine needs of one layer (formats.base.ImageReader fulfils it)."""
+
+    path: str
+    virtual_size: int
+    codec: str | None
+    backing: BackingRef | None
+
+    def iter_extents(self, start: int, length: int) -> Iterator[Extent]: ...
+
+    def read_host(self, extent: Extent, buf: memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
 
 #: qemu has no fixed limit; 64 is far beyond any real chain and stops runaway ones.
 MAX_CHAIN_DEPTH = 64
 
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
-Opener = Callable[[str, "str | None"], "ImageReader"]
+L = TypeVar("L", bound=Layer)
 
 
-class Chain:
+class Chain(Generic[L]):
     """Layers of one virtual disk, top first; owns and closes them."""
 
-    def __init__(self, layers: list[ImageReader]) -> None:
+    def __init__(self, layers: list[L]) -> None:
         if not layers:
             raise ValueError("a chain needs at least one layer")
         self.layers = layers
 
     @property
-    def top(self) -> ImageReader:
+    def top(self) -> L:
         return self.layers[0]
 
     @property
@@ -68,25 +82,25 @@ class Chain:
 
     def _resolve(self, depth: int, start: int, end: int, limit: int) -> Iterator[Extent]:
         layer = self.layers[depth]
-        layer_end = min(end, layer.virtual_size)
-        if start < layer_end:
-            for ext in layer.iter_extents(start, layer_end - start):
-                if ext.kind is ExtentKind.UNALLOCATED and depth < limit:
-                    yield from self._resolve(depth + 1, ext.start, ext.end, limit)
-                elif depth:
-                    yield replace(ext, depth=depth)
-                else:
-                    yield ext
-        if end > max(start, layer_end):
-            # beyond this layer's size: nothing here and nothing below can show through
-            tail = max(start, layer_end)
-            yield Extent(tail, end - tail, ExtentKind.UNALLOCATED, depth=depth)
+        for ext in layer.iter_extents(start, end - start):
+            if ext.kind is ExtentKind.UNALLOCATED and depth < limit:
+                # the backing file shows through, but only as far as it reaches: past its
+                # end the range stays unallocated at this depth (as qemu-img map says)
+                reach = min(ext.end, self.layers[depth + 1].virtual_size)
+                if ext.start < reach:
+                    yield from self._resolve(depth + 1, ext.start, reach, limit)
+                if reach < ext.end:
+                    yield replace(ext.clip(max(ext.start, reach), ext.end), depth=depth)
+            elif depth:
+                yield replace(ext, depth=depth)
+            else:
+                yield ext
 
     def close(self) -> None:
         for layer in self.layers:
             layer.close()
 
-    def __enter__(self) -> Chain:
+    def __enter__(self) -> Chain[L]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -113,14 +127,14 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
 def open_chain(
     path: str,
     fmt: str | None,
-    opener: Opener,
+    opener: Callable[[str, str | None], L],
     *,
     untrusted: bool = False,
     follow_backing: bool = True,
     max_depth: int = MAX_CHAIN_DEPTH,
-) -> Chain:
+) -> Chain[L]:
     """Open ``path`` and, unless told not to, every backing file below it."""
-    layers: list[ImageReader] = []
+    layers: list[L] = []
     seen: set[tuple[int, int]] = set()
     try:
         current, current_fmt = path, fmt

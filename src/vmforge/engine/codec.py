@@ -122,7 +122,7 @@ def decompress(codec: str, stored: bytes | bytearray | memoryview, out_len: int,
                 raise CorruptImage("compressed unit expands past its size", path=path, offset=offset)
         else:
             raise UnsupportedFeature(f"compression codec {codec!r}", path=path)
-    except (zlib.error, ValueError, MemoryError) as err:
+    except (zlib.error, FAST_ZLIB.error, ValueError, MemoryError) as err:
         raise CorruptImage(f"compressed data cannot be decompressed ({err})", path=path,
                            offset=offset) from err
     except Exception as err:

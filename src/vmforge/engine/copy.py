@@ -51,7 +51,7 @@ class Source(Protocol):
 class ChainSource:
     """A chain as a copy source; ``max_depth`` limits what counts as the source's own data."""
 
-    def __init__(self, chain: Chain, max_depth: int | None = None) -> None:
+    def __init__(self, chain: Chain[Any], max_depth: int | None = None) -> None:
         self.chain = chain
         self.max_depth = max_depth
         self.virtual_size = chain.virtual_size
@@ -196,6 +196,29 @@ class _Chunk:
     compressed: list[tuple[int, bytes | None]] | None = None  # per unit when compressing
 
 
+def _absorb_short_zero_runs(runs: list[tuple[int, int, bool]],
+                            min_sparse: int) -> list[tuple[int, int, bool]]:
+    """qemu-img -S: a zero run shorter than ``min_sparse`` between data is written as data.
+
+    Leading and trailing zero runs of a chunk stay holes whatever their length, as in
+    qemu-img's is_allocated_sectors_min().
+    """
+    if len(runs) < 3:
+        return runs
+    out: list[tuple[int, int, bool]] = [runs[0]]
+    for i in range(1, len(runs)):
+        off, length, zero = runs[i]
+        interior = 0 < i < len(runs) - 1
+        if zero and interior and length < min_sparse:
+            zero = False
+        last_off, last_len, last_zero = out[-1]
+        if last_zero == zero:
+            out[-1] = (last_off, last_len + length, zero)
+        else:
+            out.append((off, length, zero))
+    return out
+
+
 class _BufferPool:
     """Reused chunk buffers: fresh large allocations cost a page fault per 4 KiB."""
 
@@ -248,8 +271,6 @@ def copy(
 ) -> CopyStats:
     """Copy ``source`` into ``writer`` (not finished here: the caller finishes or aborts)."""
     g = writer.granularity
-    if not compress and sparse and sparse_size > g and sparse_size % g == 0:
-        g = sparse_size  # qemu-img -S: holes only where this many zero bytes line up
     workers = max(1, workers or os.cpu_count() or 1)
     stats = CopyStats()
     ranges = list(plan(source, g, explicit_zeroes=explicit_zeroes, sparse=sparse))
@@ -267,7 +288,10 @@ def copy(
         if padded > length:
             buf[length:padded] = bytes(padded - length)
         local.get().readinto(offset, memoryview(buf)[:length])
-        runs = _zero_runs(buf, length, g, offset) if sparse else [(offset, length, False)]
+        if sparse:
+            runs = _absorb_short_zero_runs(_zero_runs(buf, length, g, offset), sparse_size)
+        else:
+            runs = [(offset, length, False)]
         chunk = _Chunk(offset, length, runs, buf)
         if compress_unit is not None:
             out: list[tuple[int, bytes | None]] = []
@@ -285,7 +309,7 @@ def copy(
     def tasks() -> Iterator[tuple[int, int, str]]:
         for s, e, k in ranges:
             if k != DATA:
-                yield s, e, k
+                yield s, e - s, k
                 continue
             pos = s
             while pos < e:
@@ -321,7 +345,7 @@ def copy(
         try:
             for s, n, k in tasks():
                 fut = pool.submit(work, s, n) if k == DATA else None
-                window.append((s, n if k == DATA else n, k, fut))
+                window.append((s, n, k, fut))
                 while len(window) > limit:
                     drain_one()
             while window:

@@ -7,6 +7,7 @@ decompression all happen here, so formats never write a read loop of their own.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 from ..model import Extent
 from .chain import Chain
@@ -22,7 +23,7 @@ class ExtentStream:
     thread its own ExtentStream over the same chain (readers themselves use pread).
     """
 
-    def __init__(self, chain: Chain) -> None:
+    def __init__(self, chain: Chain[Any]) -> None:
         self.chain = chain
         self._units: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 

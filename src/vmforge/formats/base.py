@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from ..errors import ImageNotFound, TruncatedImage, UnsupportedFeature
 from ..model import Extent
 from ..model.check import CheckResult
-from ..model.info import ImageInfo
+from ..model.info import BackingRef, ImageInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +32,6 @@ class Capabilities:
 
 
 @dataclass(frozen=True, slots=True)
-class BackingRef:
-    """A reference from an image to its backing file, exactly as stored."""
-
-    filename: str
-    format: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class OpenOptions:
     """How carefully to open. ``untrusted`` refuses every reference to another file."""
 
@@ -48,13 +40,18 @@ class OpenOptions:
     snapshot: str | None = None
 
 
+__all__ = ["BackingRef", "Capabilities", "Format", "HostFile", "ImageReader", "ImageWriter",
+           "OpenOptions", "file_data_runs"]
+
+
 class HostFile:
     """A read-only handle on a regular file with positioned reads that never go short silently."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ImageNotFound("no such file", path=self.path) from None
         except IsADirectoryError:
@@ -66,7 +63,8 @@ class HostFile:
 
         if not _stat.S_ISREG(st.st_mode) and not _stat.S_ISBLK(st.st_mode):
             os.close(self.fd)
-            raise ImageNotFound("not a regular file", path=self.path)
+            raise ImageNotFound("not a regular file or block device", path=self.path)
+        os.set_blocking(self.fd, True)
         self.size = st.st_size if _stat.S_ISREG(st.st_mode) else _blockdev_size(self.fd)
         self.allocated = st.st_blocks * 512
         self.ident = (st.st_dev, st.st_ino)

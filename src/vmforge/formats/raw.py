@@ -65,7 +65,7 @@ PREALLOC_MODES = ("off", "falloc", "full")
 
 
 class RawWriter(ImageWriter):
-    granularity = 4096
+    granularity = 512  # holes at sector granularity; -S decides how long a hole must be
 
     def __init__(self, path: str, size: int, preallocation: str = "off",
                  existing: bool = False) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-from ..errors import AmbiguousFormat, FormatMismatch, ImageNotFound, UnknownFormat
+from ..errors import (
+    AmbiguousFormat,
+    FormatMismatch,
+    ImageNotFound,
+    UnknownFormat,
+    UnsupportedFeature,
+)
 from .base import Format, HostFile, ImageReader, OpenOptions
 
 PROBE_BYTES = 4096
@@ -55,11 +61,12 @@ def open_layer(path: str, fmt: str | None, options: OpenOptions | None = None) -
     opts = options or OpenOptions()
     if not os.path.lexists(path):
         raise ImageNotFound("no such file", path=path)
-    if fmt is None:
-        return detect_format(path).open(path, opts)
-    format_cls = get_format(fmt)
-    if opts.untrusted and format_cls.name == "raw":
+    format_cls = detect_format(path) if fmt is None else get_format(fmt)
+    if fmt is not None and opts.untrusted and format_cls.name == "raw":
         probed = detect_format(path)
         if probed.name != "raw":
             raise FormatMismatch(f"named raw but the file is {probed.name}", path=path)
+    if opts.snapshot is not None and not format_cls.capabilities.snapshots:
+        raise UnsupportedFeature("internal snapshots", path=path,
+                                 detail=f"{format_cls.name} images have none")
     return format_cls.open(path, opts)

@@ -7,6 +7,14 @@ from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
+class BackingRef:
+    """A reference from an image to its backing file, exactly as stored."""
+
+    filename: str
+    format: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotInfo:
     """One internal snapshot, with qemu-img's field meanings."""
 

@@ -20,6 +20,11 @@ class CompareResult:
     reason: str = ""
 
 
+def _sector(offset: int) -> int:
+    """qemu-img reports mismatches at the start of the 512-byte sector holding them."""
+    return offset - offset % 512
+
+
 def _first_difference(a: bytes, b: bytes) -> int:
     diff = np.flatnonzero(np.frombuffer(a, np.uint8) != np.frombuffer(b, np.uint8))
     return int(diff[0])
@@ -67,7 +72,7 @@ def compare(a: Image, b: Image, *, strict: bool = False) -> CompareResult:
                 da = bytes(n) if za else sa.read(p, n)
                 db = bytes(n) if zb else sb.read(p, n)
                 if da != db:
-                    off = p + _first_difference(da, db)
+                    off = _sector(p + _first_difference(da, db))
                     return CompareResult(False, off, size_a != size_b,
                                          f"Content mismatch at offset {off}!")
                 p += n
@@ -82,7 +87,7 @@ def compare(a: Image, b: Image, *, strict: bool = False) -> CompareResult:
                 n = min(CHUNK, end - p)
                 data = stream.read(p, n)
                 if data.count(0) != n:
-                    off = p + int(np.flatnonzero(np.frombuffer(data, np.uint8))[0])
+                    off = _sector(p + int(np.flatnonzero(np.frombuffer(data, np.uint8))[0]))
                     return CompareResult(False, off, True, f"Content mismatch at offset {off}!")
                 p += n
         return CompareResult(True, None, True, "Images are identical.")

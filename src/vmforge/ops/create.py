@@ -28,8 +28,13 @@ def backing_ref(backing: str | None, backing_fmt: str | None, dest: str,
         return None, None
     target = resolve_backing_path(dest, backing)
     with open_image(target, backing_fmt) as base:
-        fmt = backing_fmt or base.format
-        return BackingRef(backing, fmt), base.virtual_size
+        if backing_fmt is None:
+            # Recording a probed format would let a raw base that a guest filled with an
+            # image header turn into that format later (OSSA-2024-002); qemu-img refuses too.
+            raise UsageError(
+                "backing file specified without backing format",
+                hint=f"add -F {base.format} (the format vmforge detects for {backing})")
+        return BackingRef(backing, backing_fmt), base.virtual_size
 
 
 def create(path: str, fmt: str, size: int | None = None, options: Mapping[str, str] | None = None,

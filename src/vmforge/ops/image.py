@@ -18,7 +18,7 @@ class Image:
     Use as a context manager; ``read`` and ``iter_extents`` see through backing files.
     """
 
-    def __init__(self, chain: Chain, options: OpenOptions) -> None:
+    def __init__(self, chain: Chain[ImageReader], options: OpenOptions) -> None:
         self.chain = chain
         self.options = options
         self._stream = ExtentStream(chain)

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..formats import get_format
-from ..formats.qcow2 import parse_options
+from ..formats.qcow2 import check_size, parse_options
 from ..model import ExtentKind, align_up
 from .image import Image
 
@@ -75,6 +75,7 @@ def measure(out_fmt: str, *, size: int | None = None, image: Image | None = None
     opts.pop("backing_fmt", None)
     q = parse_options(opts)
     cs = 1 << q.cluster_bits
+    check_size(image.virtual_size if image is not None else size or 0, q, creating=False)
     if image is not None:
         virtual = align_up(image.virtual_size, cs)
         required = virtual if backing else _data_bytes(image, cs)

@@ -36,6 +36,18 @@ def _flag(key: str, value: str) -> bool:
     raise OptionError(f"invalid value '{value}' for {key}", option=key, hint="use on or off")
 
 
+def check_size(size: int, opts: Qcow2Options, *, creating: bool) -> None:
+    """Refuse sizes whose L1 table would exceed QEMU's 32 MiB cap (block/qcow2.h)."""
+    cs = 1 << opts.cluster_bits
+    entry = 16 if opts.extended_l2 else 8
+    clusters = -(-size // cs)
+    l2_tables = -(-clusters // (cs // entry))
+    if l2_tables * 8 > S.MAX_L1_BYTES:
+        where = " for file format 'qcow2'" if creating else ""
+        raise OptionError(f"The image size is too large{where}", option="cluster_size",
+                          hint="try using a larger cluster size")
+
+
 def parse_options(options: Mapping[str, str]) -> Qcow2Options:
     """Validate qcow2 -o options the way qemu-img does; raises OptionError."""
     for key in options:
@@ -105,9 +117,9 @@ class Qcow2Format(Format):
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
-        if head[:4] == S.MAGIC and len(head) >= 8 and int.from_bytes(head[4:8], "big") in (2, 3):
-            return 100
-        return 0
+        # The magic alone decides: a QFI\xfb file with an unknown version must be refused
+        # as qcow2 (naming the version), never read as raw (OSSA-2024-002).
+        return 100 if head[:4] == S.MAGIC else 0
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
@@ -118,6 +130,7 @@ class Qcow2Format(Format):
                backing: BackingRef | None = None, backing_size: int | None = None) -> ImageWriter:
         opts = parse_options({k: v for k, v in options.items()
                               if k not in ("backing_file", "backing_fmt")})
+        check_size(size, opts, creating=True)
         return Qcow2Writer(path, size, opts, backing)
 
     @classmethod
@@ -125,4 +138,4 @@ class Qcow2Format(Format):
         return Qcow2Writer.open_existing(path)
 
 
-__all__ = ["Qcow2Format", "Qcow2Reader", "Qcow2Writer", "Qcow2Options", "parse_options"]
+__all__ = ["check_size", "Qcow2Format", "Qcow2Reader", "Qcow2Writer", "Qcow2Options", "parse_options"]

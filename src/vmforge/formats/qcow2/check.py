@@ -21,11 +21,25 @@ from .writer import unpack_refcounts
 
 
 class _Refs:
-    """Expected refcounts, grown on demand (references past the end are errors later)."""
+    """Expected refcounts. A reference to a region ending a cluster or more past the end
+    of the file is a corruption and is not counted (QEMU's qcow2_inc_refcounts_imrt)."""
 
-    def __init__(self, clusters: int, cs: int) -> None:
+    def __init__(self, clusters: int, cs: int, file_size: int = 0,
+                 res: CheckResult | None = None) -> None:
         self.cs = cs
         self.counts = np.zeros(max(clusters, 1), dtype=np.uint64)
+        self.file_size = file_size
+        self.res = res
+        self.highest = -1  # highest cluster referenced (QEMU compares up to it)
+
+    def _past_end(self, offset: int, length: int) -> bool:
+        if self.res is None or offset + length - self.file_size < self.cs:
+            return False
+        self.res.corruptions += 1
+        self.res.messages.append(
+            "ERROR: counting reference for region exceeding the end of the file by one cluster "
+            f"or more: offset {offset:#x} size {length:#x}")
+        return True
 
     def _grow(self, n: int) -> None:
         if n > len(self.counts):
@@ -34,16 +48,24 @@ class _Refs:
             self.counts = grown
 
     def add_range(self, offset: int, length: int) -> None:
-        if length <= 0:
+        if length <= 0 or self._past_end(offset, length):
             return
         first = offset // self.cs
         last = (offset + length - 1) // self.cs
+        self.highest = max(self.highest, last)
         self._grow(last + 1)
         self.counts[first:last + 1] += np.uint64(1)
 
     def add_clusters(self, clusters: np.ndarray[Any, Any]) -> None:
+        if self.res is not None and len(clusters):
+            beyond = clusters * np.uint64(self.cs) + np.uint64(self.cs) >= np.uint64(
+                self.file_size + self.cs)
+            for c in clusters[beyond].tolist():
+                self._past_end(c * self.cs, self.cs)
+            clusters = clusters[~beyond]
         if len(clusters) == 0:
             return
+        self.highest = max(self.highest, int(clusters.max()))
         self._grow(int(clusters.max()) + 1)
         np.add.at(self.counts, clusters.astype(np.int64), np.uint64(1))
 
@@ -55,7 +77,7 @@ def check_qcow2(reader: Qcow2Reader) -> CheckResult:
     file_size = reader.host.size
     nb_clusters = -(-file_size // cs)
     res = CheckResult(filename=reader.path, format="qcow2")
-    refs = _Refs(nb_clusters, cs)
+    refs = _Refs(nb_clusters, cs, file_size, res)
     has_data_file = bool(h.incompatible_features & S.INCOMPAT_DATA_FILE)
     try:
         refs.add_range(0, cs)  # header
@@ -73,7 +95,8 @@ def check_qcow2(reader: Qcow2Reader) -> CheckResult:
         res.check_errors += 1
         res.messages.append(f"ERROR {err}")
         return res
-    n = max(nb_clusters, len(refs.counts))
+    # like QEMU: clusters past the end of the file are compared only when referenced
+    n = max(nb_clusters, refs.highest + 1)
     expected = np.zeros(n, dtype=np.uint64)
     expected[: len(refs.counts)] = refs.counts[:n]
     have = np.zeros(n, dtype=np.uint64)
@@ -138,8 +161,10 @@ def _count_l1(reader: Qcow2Reader, refs: _Refs, res: CheckResult, l1_offset: int
         misaligned = allocated & ((offsets % np.uint64(cs)) != 0)
         for entry in offsets[misaligned].tolist():
             res.corruptions += 1
-            res.messages.append(f"ERROR offset={entry:x}: Cluster is not properly aligned; "
+            res.messages.append(f"ERROR offset={entry:x}: Data cluster is not properly aligned; "
                                 "L2 entry corrupted.")
+            if not has_data_file:
+                refs.add_range(entry, cs)  # QEMU still counts the (unaligned) range
         good = allocated & ~misaligned
         if not has_data_file:
             refs.add_clusters(offsets[good] // np.uint64(cs))
@@ -227,6 +252,22 @@ def stored_refcounts(reader: Qcow2Reader, nb_clusters: int) -> np.ndarray[Any, A
     return stored[:nb_clusters].copy()
 
 
+def _refcount_from_blocks(reader: Qcow2Reader, cluster: int) -> int:
+    """One stored refcount, read from its refcount block (0 where there is none)."""
+    h = reader.header
+    cs = reader.geo.cluster_size
+    bits = 1 << h.refcount_order
+    per_block = cs * 8 // bits
+    index = cluster // per_block
+    if index >= h.refcount_table_clusters * cs // 8:
+        return 0
+    entry = int.from_bytes(reader.host.pread(h.refcount_table_offset + index * 8, 8), "big")
+    off = entry & S.REFT_OFFSET_MASK
+    if not off or off % cs or off + cs > reader.host.size:
+        return 0
+    return int(unpack_refcounts(reader.host.pread(off, cs), bits)[cluster % per_block])
+
+
 def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckResult,
                   has_data_file: bool) -> None:
     """QCOW_OFLAG_COPIED must be set exactly where the stored refcount is 1."""
@@ -235,7 +276,7 @@ def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckR
 
     def refcount(offset: int) -> int:
         c = offset // cs
-        return int(stored[c]) if c < len(stored) else 0
+        return int(stored[c]) if c < len(stored) else _refcount_from_blocks(reader, c)
 
     l1 = reader.read_l1(reader.header.l1_table_offset, reader.header.l1_size)
     for index, l1e in enumerate(l1.tolist()):
@@ -256,7 +297,10 @@ def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckR
         if not normal.any():
             continue
         clusters = (offsets[normal] // np.uint64(cs)).astype(np.int64)
-        counts = np.where(clusters < len(stored), stored[np.minimum(clusters, len(stored) - 1)], 0)
+        inside = clusters < len(stored)
+        counts = np.where(inside, stored[np.minimum(clusters, len(stored) - 1)], 0)
+        for i in np.flatnonzero(~inside).tolist():  # past the end of the file: ask the blocks
+            counts[i] = _refcount_from_blocks(reader, int(clusters[i]))
         copied = (std[normal] & np.uint64(S.OFLAG_COPIED)) != 0
         bad = copied != (counts == 1)
         for entry, rc_v in zip(std[normal][bad].tolist(), counts[bad].tolist(), strict=True):

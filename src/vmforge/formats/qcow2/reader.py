@@ -255,9 +255,13 @@ class Qcow2Reader(ImageReader):
         self.l1 = self.read_l1(l1_offset, l1_size)
         self._l2_cache: OrderedDict[int, np.ndarray[Any, Any]] = OrderedDict()
         self._l2_lock = threading.Lock()
-        self._prealloc: bool | None = None  # the copy pipeline maps from several threads
+        self._prealloc: bool | None = None
+        self._metadata: np.ndarray[Any, Any] | None = None  # the copy pipeline maps from several threads
 
     def _open_data_file(self, options: OpenOptions) -> None:
+        if not self.data_file_name:
+            raise CorruptImage("external data file bit set but no data file name", path=self.path,
+                               hint="qemu cannot open it either without naming a data file")
         if options.untrusted:
             raise UnsupportedFeature(
                 "external data file", path=self.path,
@@ -267,8 +271,6 @@ class Qcow2Reader(ImageReader):
             self.data_host = None
             self.data_file_refused = True
             return
-        if not self.data_file_name:
-            raise CorruptImage("external data file bit set but no data file name", path=self.path)
         target = resolve_backing_path(self.path, self.data_file_name)
         self.data_host = HostFile(target)
 
@@ -454,7 +456,18 @@ class Qcow2Reader(ImageReader):
 
     def _split_holes(self, g_start: int, g_end: int, host: int) -> Iterator[Extent]:
         assert self.data_host is not None
+        size = self.data_host.size
+        cs = self.geo.cluster_size
         for s, e, is_data in file_data_runs(self.data_host.fd, host, host + (g_end - g_start)):
+            # Past the end of the file is no hole but a cut file: left as data, so that
+            # reading it fails (read_host) instead of inventing zeros.
+            cut = max(s, -(-size // cs) * cs)
+            if not is_data and cut < e:
+                if cut > s:
+                    yield Extent(g_start + (s - host), cut - s, ExtentKind.DATA, host_offset=s,
+                                 hole=True)
+                yield Extent(g_start + (cut - host), e - cut, ExtentKind.DATA, host_offset=cut)
+                continue
             yield Extent(g_start + (s - host), e - s, ExtentKind.DATA, host_offset=s,
                          hole=not is_data)
 
@@ -503,10 +516,56 @@ class Qcow2Reader(ImageReader):
         assert extent.host_offset is not None
         if extent.compressed:
             host = self.host  # compressed clusters never live in a data file
+        if host is self.host:
+            self._refuse_metadata_overlap(extent.host_offset, len(buf))
         got = os.preadv(host.fd, [buf], extent.host_offset)
         if got < len(buf):
-            # qemu reads past the end of the file as zeros (a last cluster written short)
+            # A last cluster written short is normal (qemu reads the rest as zeros); a
+            # cluster that starts past the end of the file means the file was cut:
+            # qemu-img check calls that corruption, and we refuse rather than invent zeros.
+            cs = self.geo.cluster_size
+            last_cluster = (extent.host_offset + len(buf) - 1) // cs * cs
+            if not extent.compressed and last_cluster >= host.size:
+                raise TruncatedImage(
+                    f"guest data at host offset {last_cluster:#x} lies past the end of the file "
+                    f"({host.size} bytes)", path=host.path, offset=last_cluster)
             buf[max(got, 0):] = bytes(len(buf) - max(got, 0))
+
+    def _refuse_metadata_overlap(self, offset: int, length: int) -> None:
+        """Guest data must never come from the image's own metadata (SECURITY.md row 8)."""
+        if self._metadata is None:
+            self._metadata = self._metadata_clusters()
+        cs = self.geo.cluster_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        i = int(np.searchsorted(self._metadata, first))
+        if i < len(self._metadata) and int(self._metadata[i]) <= last:
+            raise CorruptImage(
+                f"guest data at host offset {offset:#x} overlaps the image's metadata "
+                f"(cluster {int(self._metadata[i])})", path=self.path, offset=offset)
+
+    def _metadata_clusters(self) -> np.ndarray[Any, Any]:
+        """Sorted host cluster numbers holding header, tables and refcount structures."""
+        h = self.header
+        cs = self.geo.cluster_size
+
+        def span(offset: int, length: int) -> list[int]:
+            if length <= 0:
+                return []
+            return list(range(offset // cs, (offset + length - 1) // cs + 1))
+
+        clusters = [0]
+        clusters += span(h.l1_table_offset, h.l1_size * 8)
+        clusters += span(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        for snap in self.snapshots:
+            clusters += span(snap.l1_table_offset, snap.l1_size * 8)
+        if h.nb_snapshots:
+            clusters += span(h.snapshots_offset, sum(len(s.pack()) for s in self.snapshots))
+        l2 = self.l1 & np.uint64(S.L1E_OFFSET_MASK)
+        table = np.frombuffer(self.host.pread(h.refcount_table_offset,
+                                              h.refcount_table_clusters * cs), dtype=">u8")
+        blocks = table.astype(np.uint64) & np.uint64(S.REFT_OFFSET_MASK)
+        extra = np.concatenate([l2[l2 != 0], blocks[blocks != 0]]) // np.uint64(cs)
+        return np.unique(np.concatenate([np.array(clusters, dtype=np.uint64), extra]))
 
     # -- information -----------------------------------------------------------------------
 
