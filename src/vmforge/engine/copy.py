@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -130,61 +130,54 @@ def plan(source: Source, granularity: int, *, explicit_zeroes: bool,
     the right bytes whatever the mix.
     """
     size = source.virtual_size
-    g = granularity
     bottom = source.bottom_depth()
 
     def kind_of(ext: Extent) -> str:
-        if ext.kind is ExtentKind.DATA and not ext.hole:
-            return DATA
-        if not sparse:
+        if (ext.kind is ExtentKind.DATA and not ext.hole) or not sparse:
             return DATA
         if ext.kind is ExtentKind.UNALLOCATED and ext.depth < bottom:
             return SKIP  # the output's backing file provides it (convert -B)
         return ZERO if explicit_zeroes else SKIP
 
-    pending: list[Any] = []  # [start, end, kind] of the run being built
+    runs = ((e.start, e.end, kind_of(e)) for e in source.iter_extents(0, size))
+    return _merge_runs(_snap_to_blocks(runs, granularity, size))
 
-    def emit(s: int, e: int, k: str) -> Iterator[tuple[int, int, str]]:
-        if pending and pending[2] == k and pending[1] == s:
-            pending[1] = e
-            return
-        if pending:
-            yield pending[0], pending[1], pending[2]
-        pending[:] = [s, e, k]
-        return
-        yield  # pragma: no cover - makes this a generator
 
-    partial: tuple[int, str] | None = None  # (block start, combined kind) of an open edge block
-    for ext in source.iter_extents(0, size):
-        k = kind_of(ext)
-        s, e = ext.start, ext.end
-        if partial is not None:
-            bstart, bk = partial
-            bend = min(bstart + g, size)
-            bk = bk if bk == k else DATA
-            if e < bend:
-                partial = (bstart, bk)
+def _snap_to_blocks(runs: Iterable[tuple[int, int, str]], g: int,
+                    size: int) -> Iterator[tuple[int, int, str]]:
+    """Consecutive runs snapped to multiples of ``g``; a block shared by kinds is DATA."""
+    edge: tuple[int, str] | None = None  # start and kind so far of a block seen in part
+    for start, end, kind in runs:
+        if edge is not None:
+            block_start, block_kind = edge
+            block_end = min(block_start + g, size)
+            block_kind = block_kind if block_kind == kind else DATA
+            if end < block_end:
+                edge = (block_start, block_kind)
                 continue
-            yield from emit(bstart, bend, bk)
-            partial = None
-            s = bend
-        elif s % g:
-            partial = (s - s % g, k)
-            bend = min(s - s % g + g, size)
-            if e < bend:
-                continue
-            yield from emit(s - s % g, bend, k)
-            partial = None
-            s = bend
-        inner_end = e if e == size else e - e % g
-        if inner_end > s:
-            yield from emit(s, inner_end, k)
-        if e > max(s, inner_end):
-            partial = (max(s, inner_end), k)
-    if partial is not None:
-        yield from emit(partial[0], min(partial[0] + g, size), partial[1])
-    if pending:
-        yield pending[0], pending[1], pending[2]
+            yield block_start, block_end, block_kind
+            edge = None
+            start = block_end
+        body_end = end if end == size else end - end % g
+        if body_end > start:
+            yield start, body_end, kind
+        if end > max(start, body_end):
+            edge = (max(start, body_end), kind)
+    if edge is not None:
+        yield edge[0], min(edge[0] + g, size), edge[1]
+
+
+def _merge_runs(runs: Iterable[tuple[int, int, str]]) -> Iterator[tuple[int, int, str]]:
+    current: tuple[int, int, str] | None = None
+    for start, end, kind in runs:
+        if current is not None and current[2] == kind and current[1] == start:
+            current = (current[0], end, kind)
+            continue
+        if current is not None:
+            yield current
+        current = (start, end, kind)
+    if current is not None:
+        yield current
 
 
 @dataclass
