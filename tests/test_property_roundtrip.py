@@ -112,3 +112,83 @@ def test_extents_agree_with_bytes(size_kib, ws, seed, start, length):
                 pos = e.end
             assert pos == start + length
         assert os.path.getsize(src) == size
+
+
+io_ops = st.lists(
+    st.tuples(st.sampled_from(["write", "zero", "zero-unmap", "discard"]),
+              st.integers(0, 1024 * KiB - 1), st.integers(1, 150 * KiB), st.integers(1, 255)),
+    min_size=1, max_size=16,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(base_ops=io_ops, top_ops=io_ops,
+       cs_base=st.sampled_from([512, 4096, 65536]), cs_top=st.sampled_from([512, 4096, 65536, 1 << 20]),
+       extl2=st.booleans(), compat=st.sampled_from(["0.10", "1.1"]),
+       reads=st.lists(st.tuples(st.integers(0, 2**20), st.integers(1, 200 * KiB)), max_size=8))
+def test_qemu_io_chain_reads_match_qemu(base_ops, top_ops, cs_base, cs_top, extl2, compat, reads):
+    """Random qemu-io writes / write -z / discard into a 2-layer chain: vmforge reads what
+    qemu-img convert reads, and its extents agree with qemu-img map's classification."""
+    from tests.data.qemu import qemu_img_json, qemu_io
+    from tests.helpers import map_classes
+
+    size = 1024 * KiB
+
+    def cmds(ops):
+        out = []
+        for kind, off, n, pat in ops:
+            off = off // 512 * 512 if kind != "write" else off
+            n = max(512, min(n, size - off) // 512 * 512) if kind != "write" else min(n, size - off)
+            if off + n > size:
+                continue
+            out.append({"write": f"write -P {pat} {off} {n}", "zero": f"write -z {off} {n}",
+                        "zero-unmap": f"write -z -u {off} {n}", "discard": f"discard {off} {n}"}[kind])
+        return out
+
+    top_opts = f"cluster_size={cs_top},compat={compat}"
+    if extl2 and compat == "1.1" and cs_top >= 16384:
+        top_opts += ",extended_l2=on"
+    with tempfile.TemporaryDirectory() as d:
+        base, top, raw = Path(d) / "base.qcow2", Path(d) / "top.qcow2", Path(d) / "q.raw"
+        qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={cs_base}", base, size)
+        if c := cmds(base_ops):
+            qemu_io(base, c)
+        qemu_img("create", "-f", "qcow2", "-o", top_opts, "-b", "base.qcow2", "-F", "qcow2", top)
+        if c := cmds(top_ops):
+            qemu_io(top, c)
+        qemu_img("convert", "-O", "raw", top, raw)
+        expected = raw.read_bytes()
+        with vmforge.open_image(top) as img:
+            assert img.read(0, size) == expected
+            for off, n in reads:
+                off %= size
+                n = min(n, size - off)
+                assert img.read(off, n) == expected[off:off + n], (off, n)
+            got = [e.to_qemu_json() for e in vmforge.model.coalesce(img.iter_extents())]
+        assert map_classes(got) == map_classes(qemu_img_json("map", top))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(start=st.integers(0, 4 * 2**20 - 1), length=st.integers(1, 4 * 2**20))
+def test_extent_windows_match_qemu_map_windows(start, length):
+    """iter_extents(start, length) agrees with qemu-img map --start-offset/--max-length."""
+    from tests.data.generators import write_pattern
+    from tests.data.qemu import qemu_img_json
+    from tests.helpers import map_classes
+
+    global _WINDOW_IMG
+    if _WINDOW_IMG is None:
+        d = Path(tempfile.mkdtemp(prefix="vmforge-window-"))
+        raw = write_pattern(d / "src.raw", "mixed")
+        img = d / "img.qcow2"
+        qemu_img("convert", "-O", "qcow2", "-o", "cluster_size=4096", raw, img)
+        _WINDOW_IMG = img
+    length = min(length, 4 * 2**20 - start)
+    expected = qemu_img_json("map", f"--start-offset={start}", f"--max-length={length}", _WINDOW_IMG)
+    with vmforge.open_image(_WINDOW_IMG) as img:
+        got = [e.to_qemu_json() for e in vmforge.model.coalesce(img.iter_extents(start, length))]
+    assert map_classes(got) == map_classes(expected)
+    assert got == expected
+
+
+_WINDOW_IMG: Path | None = None

@@ -24,7 +24,7 @@ from tests.data.qcow2_builders import (
     REFCOUNT_BITS,
 )
 from tests.data.qemu import check_json, opts, qemu_img, qemu_img_json, qemu_io
-from tests.helpers import assert_clean_error, describe, run_vmforge, vmforge_ok
+from tests.helpers import assert_clean_error, describe, run_vmforge, vmforge_json, vmforge_ok
 
 
 def _option_sets() -> list[tuple[str, dict[str, object], bool]]:
@@ -113,6 +113,9 @@ def test_convert_to_qcow2_passes_check_and_compare(pattern_file, tmp_path, patte
         assert data["allocated-clusters"] == data["total-clusters"], data
     if mode in ("falloc", "full"):
         assert os.stat(dst).st_blocks * 512 >= info["virtual-size"]
+    # vmforge's own reader sees its output exactly as qemu-img map does
+    got = vmforge_json("map", dst)
+    assert got == qemu_img_json("map", "-f", "qcow2", dst)
 
 
 @pytest.mark.parametrize("optid", ["default", "cs4096", "cs65536", "cs2097152", "extl2-cs65536",
@@ -391,3 +394,36 @@ def test_create_too_large_for_cluster_size_refused_like_qemu(tmp_path, cs, size)
     proc = run_vmforge("create", "-f", "qcow2", "-o", f"cluster_size={cs}", tmp_path / "v.qcow2", size)
     assert_clean_error(proc)
     assert not (tmp_path / "v.qcow2").exists()
+
+
+@pytest.mark.parametrize("snap", ["first", "second snap"])
+def test_convert_snapshot_to_qcow2(images, tmp_path, snap):
+    name = "snapshots-cluster_size65536"
+    b = images.get(name)
+    dst = tmp_path / "snap.qcow2"
+    vmforge_ok("convert", "-l", snap, "-O", "qcow2", b.path, dst)
+    assert_check_clean(dst)
+    assert_compare_identical(images.qemu_raw(name, snapshot=snap), dst)
+    assert "snapshots" not in qemu_img_json("info", dst)
+
+
+def test_convert_chain_onto_its_middle_layer(images, tmp_path):
+    """convert -B MID TOP: the output holds only what differs from MID (qemu's rebase idiom)."""
+    name = "chain-qcow2-cs65536-65536-65536-relative"
+    b = images.get(name)
+    top, mid = b.chain[0], b.chain[1]
+    dst = top.parent / "rebased-vmforge.qcow2"
+    theirs = top.parent / "rebased-qemu.qcow2"
+    try:
+        vmforge_ok("convert", "-O", "qcow2", "-B", mid.name, "-o", "backing_fmt=qcow2", top.name,
+                   dst.name, cwd=top.parent)
+        qemu_img("convert", "-O", "qcow2", "-B", mid.name, "-F", "qcow2", top.name, theirs.name,
+                 cwd=top.parent)
+        assert_check_clean(dst)
+        assert_compare_identical(images.qemu_raw(name), dst)
+        _, a = check_json(dst)
+        _, q = check_json(theirs)
+        assert a["allocated-clusters"] <= q["allocated-clusters"], (a, q)
+    finally:
+        dst.unlink(missing_ok=True)
+        theirs.unlink(missing_ok=True)

@@ -17,7 +17,6 @@ from ...errors import CorruptImage, VmforgeError
 from ...model.check import CheckResult
 from . import structs as S
 from .reader import Qcow2Reader
-from .writer import unpack_refcounts
 
 
 class _Refs:
@@ -182,16 +181,11 @@ def _count_l1(reader: Qcow2Reader, refs: _Refs, res: CheckResult, l1_offset: int
 def _stored_refcounts(reader: Qcow2Reader, refs: _Refs, res: CheckResult,
                       nb_clusters: int) -> np.ndarray[Any, Any]:
     """The refcounts the image claims, for every host cluster the table covers."""
-    h = reader.header
     cs = reader.geo.cluster_size
-    bits = 1 << h.refcount_order
-    per_block = cs * 8 // bits
-    raw = reader.host.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
-    table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+    per_block = reader.refcounts_per_block
     limit = max(nb_clusters, len(refs.counts))
     stored = np.zeros(limit, dtype=np.uint64)
-    for i, entry in enumerate(table.tolist()):
-        off = entry & S.REFT_OFFSET_MASK
+    for i, off in enumerate(reader.refcount_table().tolist()):
         if not off:
             continue
         if off % cs:
@@ -207,7 +201,7 @@ def _stored_refcounts(reader: Qcow2Reader, refs: _Refs, res: CheckResult,
         first = i * per_block
         if first >= limit:
             continue  # covers only clusters past anything that exists or is referenced
-        counts = unpack_refcounts(reader.host.pread(off, cs), bits)
+        counts = reader.refcount_block(off)
         n = min(per_block, limit - first)
         stored[first:first + n] = counts[:n]
     return stored
@@ -254,18 +248,15 @@ def stored_refcounts(reader: Qcow2Reader, nb_clusters: int) -> np.ndarray[Any, A
 
 def _refcount_from_blocks(reader: Qcow2Reader, cluster: int) -> int:
     """One stored refcount, read from its refcount block (0 where there is none)."""
-    h = reader.header
     cs = reader.geo.cluster_size
-    bits = 1 << h.refcount_order
-    per_block = cs * 8 // bits
-    index = cluster // per_block
-    if index >= h.refcount_table_clusters * cs // 8:
+    index, slot = divmod(cluster, reader.refcounts_per_block)
+    table = reader.refcount_table()
+    if index >= len(table):
         return 0
-    entry = int.from_bytes(reader.host.pread(h.refcount_table_offset + index * 8, 8), "big")
-    off = entry & S.REFT_OFFSET_MASK
+    off = int(table[index])
     if not off or off % cs or off + cs > reader.host.size:
         return 0
-    return int(unpack_refcounts(reader.host.pread(off, cs), bits)[cluster % per_block])
+    return int(reader.refcount_block(off)[slot])
 
 
 def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckResult,

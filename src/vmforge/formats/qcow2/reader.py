@@ -256,7 +256,8 @@ class Qcow2Reader(ImageReader):
         self._l2_cache: OrderedDict[int, np.ndarray[Any, Any]] = OrderedDict()
         self._l2_lock = threading.Lock()
         self._prealloc: bool | None = None
-        self._metadata: np.ndarray[Any, Any] | None = None  # the copy pipeline maps from several threads
+        self._metadata: np.ndarray[Any, Any] | None = None
+        self._reftable: np.ndarray[Any, Any] | None = None  # the copy pipeline maps from several threads
 
     def _open_data_file(self, options: OpenOptions) -> None:
         if not self.data_file_name:
@@ -434,23 +435,35 @@ class Qcow2Reader(ImageReader):
                 self._prealloc = used >= threshold
         return self._prealloc
 
-    def _count_referenced_clusters(self, end_cluster: int, stop_at: int) -> int:
-        from .writer import unpack_refcounts
+    @property
+    def refcounts_per_block(self) -> int:
+        return self.geo.cluster_size * 8 // (1 << self.header.refcount_order)
 
-        h = self.header
+    def refcount_table(self) -> np.ndarray[Any, Any]:
+        """Refcount table entries (offsets of refcount blocks, reserved bits masked)."""
+        if self._reftable is None:
+            h = self.header
+            raw = self.host.pread(h.refcount_table_offset,
+                                  h.refcount_table_clusters * self.geo.cluster_size)
+            entries = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+            self._reftable = entries & np.uint64(S.REFT_OFFSET_MASK)
+        return self._reftable
+
+    def refcount_block(self, offset: int) -> np.ndarray[Any, Any]:
+        """The stored refcounts of one refcount block."""
+        raw = self.host.pread(offset, self.geo.cluster_size)
+        return S.unpack_refcounts(raw, 1 << self.header.refcount_order)
+
+    def _count_referenced_clusters(self, end_cluster: int, stop_at: int) -> int:
         cs = self.geo.cluster_size
-        bits = 1 << h.refcount_order
-        per_block = cs * 8 // bits
-        table = np.frombuffer(self.host.pread(h.refcount_table_offset,
-                                              h.refcount_table_clusters * cs), dtype=">u8")
+        per_block = self.refcounts_per_block
         count = 0
-        for i, entry in enumerate(table.tolist()):
+        for i, off in enumerate(self.refcount_table().tolist()):
             if i * per_block >= end_cluster or count >= stop_at:
                 break
-            off = entry & S.REFT_OFFSET_MASK
             if not off or off % cs or off + cs > self.host.size:
                 continue
-            counts = unpack_refcounts(self.host.pread(off, cs), bits)
+            counts = self.refcount_block(off)
             count += int(np.count_nonzero(counts[: end_cluster - i * per_block]))
         return count
 
@@ -561,9 +574,7 @@ class Qcow2Reader(ImageReader):
         if h.nb_snapshots:
             clusters += span(h.snapshots_offset, sum(len(s.pack()) for s in self.snapshots))
         l2 = self.l1 & np.uint64(S.L1E_OFFSET_MASK)
-        table = np.frombuffer(self.host.pread(h.refcount_table_offset,
-                                              h.refcount_table_clusters * cs), dtype=">u8")
-        blocks = table.astype(np.uint64) & np.uint64(S.REFT_OFFSET_MASK)
+        blocks = self.refcount_table()
         extra = np.concatenate([l2[l2 != 0], blocks[blocks != 0]]) // np.uint64(cs)
         return np.unique(np.concatenate([np.array(clusters, dtype=np.uint64), extra]))
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
 
 MAGIC = b"QFI\xfb"
 
@@ -195,3 +198,29 @@ class SnapshotEntry:
                              self.vm_state_size, len(self.extra_data))
         out += self.extra_data + ident + name
         return out + bytes((-len(out)) % 8)
+
+
+def pack_refcounts(counts: np.ndarray[Any, Any], bits: int) -> bytes:
+    """Refcount block bytes for ``counts`` at width ``bits`` (qcow2.txt "Host cluster management").
+
+    Widths of 8 and more are big-endian integers; narrower ones are packed into bytes
+    starting at the least significant bit, as QEMU's get_refcount_ro0..2 read them.
+    """
+    if bits >= 8:
+        return counts.astype(f">u{bits // 8}").tobytes()
+    per_byte = 8 // bits
+    c = counts.astype(np.uint8).reshape(-1, per_byte)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    packed: bytes = np.bitwise_or.reduce(c << shifts, axis=1).astype(np.uint8).tobytes()
+    return packed
+
+
+def unpack_refcounts(data: bytes, bits: int) -> np.ndarray[Any, Any]:
+    """Inverse of pack_refcounts."""
+    if bits >= 8:
+        return np.frombuffer(data, dtype=f">u{bits // 8}").astype(np.uint64)
+    per_byte = 8 // bits
+    raw = np.frombuffer(data, dtype=np.uint8)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    mask = np.uint8((1 << bits) - 1)
+    return ((raw[:, None] >> shifts) & mask).reshape(-1).astype(np.uint64)

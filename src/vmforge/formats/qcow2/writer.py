@@ -411,7 +411,7 @@ class Qcow2Writer(ImageWriter):
             raise OutputError(f"{self.path}: a refcount exceeds refcount_bits={bits}")
         padded = np.zeros(blocks * per_block, dtype=np.uint64)
         padded[:total] = counts
-        pwrite_all(self.fd, pack_refcounts(padded, bits), block_offset)
+        pwrite_all(self.fd, S.pack_refcounts(padded, bits), block_offset)
         entries = np.zeros(table * per_table_cluster, dtype=np.uint64)
         entries[:blocks] = block_offset + np.arange(blocks, dtype=np.uint64) * np.uint64(cs)
         pwrite_all(self.fd, entries.astype(">u8").tobytes(), table_offset)
@@ -459,32 +459,6 @@ class Qcow2Writer(ImageWriter):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def pack_refcounts(counts: np.ndarray[Any, Any], bits: int) -> bytes:
-    """Refcount block bytes for ``counts`` at width ``bits`` (qcow2.txt "Host cluster management").
-
-    Widths of 8 and more are big-endian integers; narrower ones are packed into bytes
-    starting at the least significant bit, as QEMU's get_refcount_ro0..2 read them.
-    """
-    if bits >= 8:
-        return counts.astype(f">u{bits // 8}").tobytes()
-    per_byte = 8 // bits
-    c = counts.astype(np.uint8).reshape(-1, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    packed: bytes = np.bitwise_or.reduce(c << shifts, axis=1).astype(np.uint8).tobytes()
-    return packed
-
-
-def unpack_refcounts(data: bytes, bits: int) -> np.ndarray[Any, Any]:
-    """Inverse of pack_refcounts."""
-    if bits >= 8:
-        return np.frombuffer(data, dtype=f">u{bits // 8}").astype(np.uint64)
-    per_byte = 8 // bits
-    raw = np.frombuffer(data, dtype=np.uint8)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    mask = np.uint8((1 << bits) - 1)
-    return ((raw[:, None] >> shifts) & mask).reshape(-1).astype(np.uint64)
 
 
 def _feature_table() -> bytes:
