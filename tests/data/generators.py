@@ -107,7 +107,7 @@ def build_pattern(name: str, size: int = DEFAULT_SIZE, seed: int = 0) -> list[tu
             (4 * q, b"\xff" * (q // 2)),
             (5 * q + 1, random_bytes(q - 777, seed + 1, name)),  # unaligned both ends
         ]
-        for k in range(40):  # single bytes and tiny runs scattered across the tail
+        for _ in range(40):  # single bytes and tiny runs scattered across the tail
             off = 6 * q + r.randrange(0, 2 * q - 8)
             writes.append((off, bytes([r.randrange(1, 256)]) * r.choice([1, 3, 8])))
         writes.append((total - 512, random_bytes(512, seed + 2, name)))

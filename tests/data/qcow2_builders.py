@@ -269,7 +269,7 @@ def _snapshots(workdir: Path, options: dict[str, object]) -> Built:
     qemu_img("snapshot", "-c", "second snap", b.path)  # a name with a space
     qemu_io(b.path, [f"write -P 0xee {_a(IMAGE_SIZE * 0.05, cs)} {cs}",
                      f"write -z 0 {cs}", f"discard {_a(IMAGE_SIZE * 0.9, cs)} {cs}",
-                     f"write -P 0xef 100000 3333"])
+                     "write -P 0xef 100000 3333"])
     b.snapshots = ["first", "second snap"]
     return b
 

@@ -17,7 +17,9 @@ SIZE_TEXTS = ["0", "1", "512", "1k", "1K", "1M", "1.5M", "10G", "1T", "2P", "1E"
 def test_parse_size_matches_qemu(text):
     proc = qemu_img("measure", "-O", "raw", "--size", text, check=False)
     if proc.returncode != 0:
-        with pytest.raises(Exception):
+        from vmforge.errors import UsageError
+
+        with pytest.raises(UsageError):
             parse_size(text)
         return
     m = re.search(r"required size: (\d+)", proc.stdout)

@@ -9,11 +9,11 @@ import shutil
 import pytest
 
 import vmforge
-from vmforge import errors
 from tests.data.generators import write_pattern
 from tests.data.qcow2_poke import QCOW_OFLAG_COPIED, Qcow2File
 from tests.data.qemu import qemu_img, qemu_img_json
 from tests.helpers import assert_clean_error, run_vmforge, sha256
+from vmforge import errors
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,8 @@ def test_failed_api_convert_leaves_nothing(broken, tmp_path):
 
 def test_unwritable_destination_is_clean_error(tmp_path):
     src = write_pattern(tmp_path / "s.raw", "random", 1 << 20)
-    proc = run_vmforge("convert", "-O", "qcow2", src, tmp_path / "no" / "such" / "dir" / "x.qcow2", isolated=True)
+    dest = tmp_path / "no" / "such" / "dir" / "x.qcow2"
+    proc = run_vmforge("convert", "-O", "qcow2", src, dest, isolated=True)
     assert_clean_error(proc)
 
 

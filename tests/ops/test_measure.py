@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
 from tests.data.generators import PATTERNS
 from tests.data.qcow2_builders import spec_names
-import json
-
 from tests.data.qemu import opts, qemu_img, qemu_img_json
 from tests.helpers import assert_clean_error, run_vmforge, vmforge_json
 

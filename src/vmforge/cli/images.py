@@ -245,8 +245,14 @@ def cmd_map(args: argparse.Namespace) -> int:
         if "offset" not in e:
             return die("File contains external, encrypted or compressed clusters.",
                        "use --output=json to see them")
-        print(f"{e['start']:<#16x}{e['length']:<#16x}{e['offset']:<#16x}{names[e['depth']]}")
+        print(f"{_c_hex(e['start']):<16}{_c_hex(e['length']):<16}{_c_hex(e['offset']):<16}"
+              f"{names[e['depth']]}")
     return 0
+
+
+def _c_hex(n: int) -> str:
+    """C's %#x, as qemu-img prints offsets: 0 stays '0', others get '0x'."""
+    return f"{n:#x}" if n else "0"
 
 
 def _map_json_line(e: dict[str, Any]) -> str:

@@ -28,6 +28,12 @@ def atomic_output(dest: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # Unlink first: ext4 flushes a file renamed over another one (auto_da_alloc),
+        # which would make every convert wait for the disk. The old destination is
+        # only removed once the new file is complete.
+        with contextlib.suppress(FileNotFoundError):
+            if not os.path.isdir(dest):
+                os.unlink(dest)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 
 import vmforge
-from vmforge import errors
 from tests.data.qemu import qemu_img, qemu_img_json
 from tests.helpers import (
     assert_clean_error,
@@ -20,6 +19,7 @@ from tests.helpers import (
     vmforge_json,
     vmforge_ok,
 )
+from vmforge import errors
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +106,9 @@ def test_corpus_api_reads(corpus_qcow2, qemu_raws, name):
 
 @pytest.mark.parametrize("name", PLAIN)
 def test_corpus_check(corpus_qcow2, name):
-    from tests.data.qemu import check_json
     import json
+
+    from tests.data.qemu import check_json
 
     q_rc, q = check_json(corpus_qcow2 / name)
     proc = run_vmforge("check", "--output=json", corpus_qcow2 / name)
@@ -155,13 +156,13 @@ def test_corpus_data_file_refused_by_default(corpus_qcow2, tmp_path):
     proc = run_vmforge("convert", "-O", "raw", "data-file.qcow2", out, cwd=corpus_qcow2)
     assert_clean_error(proc)
     assert not out.exists()
-    with pytest.raises(errors.UnsupportedFeature):
-        with vmforge.open_image(corpus_qcow2 / "data-file.qcow2") as img:
-            img.read(0, 4096)
-    with pytest.raises(errors.VmforgeError):
-        with vmforge.open_image(corpus_qcow2 / "data-file.qcow2", untrusted=True,
-                                allow_data_file=True) as img:
-            img.read(0, 4096)
+    with pytest.raises(errors.UnsupportedFeature), \
+            vmforge.open_image(corpus_qcow2 / "data-file.qcow2") as img:
+        img.read(0, 4096)
+    with pytest.raises(errors.VmforgeError), \
+            vmforge.open_image(corpus_qcow2 / "data-file.qcow2", untrusted=True,
+                               allow_data_file=True) as img:
+        img.read(0, 4096)
     assert sha256(corpus_qcow2 / "data-file.qcow2") == before
 
 

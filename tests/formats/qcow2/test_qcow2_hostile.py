@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 import vmforge
-from vmforge import errors
 from tests.data.generators import write_pattern
-from tests.data.qcow2_poke import FIELDS, Qcow2File
+from tests.data.qcow2_poke import Qcow2File
 from tests.data.qemu import qemu_img, qemu_io
 from tests.helpers import assert_clean_error, describe, run_vmforge, sha256
+from vmforge import errors
 
 MEM_LIMIT = 3 << 30  # a parser believing a 2^32-entry L1 would need 32 GiB
 U32, U64 = 2**32 - 1, 2**64 - 1
@@ -52,7 +52,7 @@ def _copy(src: Path, dest: Path) -> Path:
 
 def assert_refused(path: Path, tmp_path: Path, *, contains: str | None = None,
                    commands: tuple[str, ...] = ("info", "convert"),
-                   api: bool = True) -> None:
+                   api: bool = True, isolate_first: bool = True) -> None:
     before = sha256(path)
     outdir = tmp_path / "out"
     outdir.mkdir(exist_ok=True)
@@ -68,7 +68,7 @@ def assert_refused(path: Path, tmp_path: Path, *, contains: str | None = None,
         }[cmd]
         # the first command runs as a real process under time and memory limits; once it
         # has refused, the rest run in-process (same code path, no interpreter start-up)
-        if cmd == commands[0] or ISOLATE_ALL:
+        if (cmd == commands[0] and isolate_first) or ISOLATE_ALL:
             proc = run_vmforge(*args, timeout=45, mem_limit=MEM_LIMIT, isolated=True)
         else:
             proc = run_vmforge(*args)
@@ -77,9 +77,8 @@ def assert_refused(path: Path, tmp_path: Path, *, contains: str | None = None,
         assert sorted(os.listdir(outdir)) == [], f"{cmd}: stray files {os.listdir(outdir)}"
         assert sha256(path) == before, f"{cmd} modified the input"
     if api:
-        with pytest.raises(errors.VmforgeError) as exc:
-            with vmforge.open_image(path, "qcow2") as img:
-                img.read(0, img.virtual_size)
+        with pytest.raises(errors.VmforgeError) as exc, vmforge.open_image(path, "qcow2") as img:
+            img.read(0, img.virtual_size)
         if contains is not None:
             assert contains in str(exc.value)
         assert sha256(path) == before
@@ -94,7 +93,9 @@ TRUNCATE_AT = list(range(0, 121))
 def test_header_truncated(good, tmp_path, length):
     path = tmp_path / "t.qcow2"
     path.write_bytes(good["v3"].read_bytes()[:length])
-    assert_refused(path, tmp_path, commands=("info", "convert"))
+    # a truncated header cannot ask for memory it does not describe: every tenth length
+    # runs as a real process, the rest in-process (same code, no interpreter start-up)
+    assert_refused(path, tmp_path, commands=("info", "convert"), isolate_first=length % 10 == 0)
 
 
 @pytest.mark.parametrize("length", [0, 4, 20, 71, 72, 99])
@@ -145,6 +146,10 @@ def _fields(**kv: int) -> Callable[[Qcow2File], None]:
     return f
 
 
+def _add_to(name: str, delta: int) -> Callable[[Qcow2File], None]:
+    return lambda img: img.set(name, img.get(name) + delta)
+
+
 def _or_incompat(bit: int) -> Callable[[Qcow2File], None]:
     return lambda img: img.set("incompatible_features", img.get("incompatible_features") | (1 << bit))
 
@@ -179,18 +184,20 @@ for m in (1, 2, 3, U32):
 for n in (2**31, U32, 2**28, 2**31 + 1, 0):
     HEADER_CASES.append((f"l1_size{n}", _field("l1_size", n), None, "v3"))
 HEADER_CASES += [
-    ("l1-offset-misaligned", lambda img: img.set("l1_table_offset", img.get("l1_table_offset") + 1), None, "v3"),
-    ("l1-offset-sector", lambda img: img.set("l1_table_offset", img.get("l1_table_offset") + 512), None, "v3"),
+    ("l1-offset-misaligned", _add_to("l1_table_offset", 1), None, "v3"),
+    ("l1-offset-sector", _add_to("l1_table_offset", 512), None, "v3"),
     ("l1-offset-past-eof", _field("l1_table_offset", 1 << 40), None, "v3"),
     ("l1-offset-overflow", _field("l1_table_offset", 0xFFFF_FFFF_FFFF_0000), None, "v3"),
     ("l1-offset-overflow-2^63", _field("l1_table_offset", 1 << 63), None, "v3"),
-    ("l1-size-x-offset-overflow", _fields(l1_table_offset=0xFFFF_FFFF_FFF0_0000, l1_size=2**20), None, "v3"),
-    ("refcount-offset-misaligned", lambda img: img.set("refcount_table_offset", img.get("refcount_table_offset") + 8), None, "v3"),
+    ("l1-size-x-offset-overflow", _fields(l1_table_offset=0xFFFF_FFFF_FFF0_0000, l1_size=2**20),
+     None, "v3"),
+    ("refcount-offset-misaligned", _add_to("refcount_table_offset", 8), None, "v3"),
     ("refcount-offset-past-eof", _field("refcount_table_offset", 1 << 40), None, "v3"),
     ("refcount-offset-overflow", _field("refcount_table_offset", 0xFFFF_FFFF_FFFF_0000), None, "v3"),
     ("snapshots-offset-misaligned", _fields(nb_snapshots=1, snapshots_offset=0x10001), None, "v3"),
     ("snapshots-offset-past-eof", _fields(nb_snapshots=1, snapshots_offset=1 << 40), None, "v3"),
-    ("snapshots-offset-overflow", _fields(nb_snapshots=2, snapshots_offset=0xFFFF_FFFF_FFFF_0000), None, "v3"),
+    ("snapshots-offset-overflow", _fields(nb_snapshots=2, snapshots_offset=0xFFFF_FFFF_FFFF_0000),
+     None, "v3"),
     ("size-2^63", _field("size", 1 << 63), None, "v3"),
     ("size-max", _field("size", U64), None, "v3"),
     ("size-2^62", _field("size", 1 << 62), None, "v3"),
@@ -201,7 +208,8 @@ HEADER_CASES += [
     ("header-length-103", _field("header_length", 103), None, "v3"),
     ("header-length-gt-cluster", _field("header_length", 65536 + 8), None, "v3"),
     ("header-length-max", _field("header_length", U32), None, "v3"),
-    ("compression-type-unknown", lambda img: (img.set("compression_type", 2), _or_incompat(3)(img)), None, "v3"),
+    ("compression-type-unknown",
+     lambda img: (img.set("compression_type", 2), _or_incompat(3)(img)), None, "v3"),
     ("compression-type-without-bit", _field("compression_type", 1), None, "v3"),
     ("ext-length-huge", _ext(0x6803F857, U32), None, "v3"),
     ("ext-length-past-cluster", _ext(0x6803F857, 70000), None, "v3"),
@@ -254,9 +262,8 @@ def test_hostile_header_refused_when_probed_and_mapped(good, tmp_path, case, pat
 def test_unknown_incompatible_bit_names_the_feature(good, tmp_path):
     path = _copy(good["v3"], tmp_path / "h.qcow2")
     _or_incompat(17)(Qcow2File(path))
-    with pytest.raises(errors.UnsupportedFeature) as exc:
-        with vmforge.open_image(path, "qcow2") as img:
-            img.read(0, 512)
+    with pytest.raises(errors.UnsupportedFeature) as exc, vmforge.open_image(path, "qcow2") as img:
+        img.read(0, 512)
     assert str(exc.value).startswith(str(path) + ": unsupported: ") or \
         "unsupported: " in str(exc.value)
     assert exc.value.feature
@@ -274,9 +281,9 @@ def test_encryption_is_unsupported_feature(good, tmp_path, method):
 def test_huge_l1_is_limit_or_corrupt(good, tmp_path):
     path = _copy(good["v3"], tmp_path / "h.qcow2")
     Qcow2File(path).set("l1_size", 2**31)
-    with pytest.raises((errors.LimitExceeded, errors.CorruptImage)):
-        with vmforge.open_image(path, "qcow2") as img:
-            img.read(0, 512)
+    with pytest.raises((errors.LimitExceeded, errors.CorruptImage)), \
+            vmforge.open_image(path, "qcow2") as img:
+        img.read(0, 512)
 
 
 # --- the corrupt bit (row 4): readable, never written ---------------------------------------
@@ -310,14 +317,11 @@ def _with_backing(tmp_path: Path, name: str, fmt: str = "raw") -> Path:
 def test_json_backing_refused_in_local_mode(tmp_path):
     secret = tmp_path / "secret.raw"
     secret.write_bytes(b"SECRET" * 1000)
-    name = 'json:{"driver":"raw","file":{"driver":"file","filename":"%s"}}' % secret
+    name = f'json:{{"driver":"raw","file":{{"driver":"file","filename":"{secret}"}}}}'
     path = _with_backing(tmp_path, name)
-    atime = os.stat(secret).st_atime_ns
     assert_refused(path, tmp_path, commands=("map", "convert"))
-    assert os.stat(secret).st_atime_ns == atime or True  # relatime makes atime unreliable
-    with pytest.raises(errors.VmforgeError):
-        with vmforge.open_image(path) as img:
-            img.read(0, 4096)
+    with pytest.raises(errors.VmforgeError), vmforge.open_image(path) as img:
+        img.read(0, 4096)
 
 
 def test_nbd_backing_refused_without_network(tmp_path):
@@ -373,9 +377,8 @@ def test_backing_loop_refused(tmp_path):
     qemu_img("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a)  # a -> b -> a
     # plain info does not open the backing file (neither does qemu-img info)
     assert_refused(a, tmp_path, commands=("map", "convert"), api=False)
-    with pytest.raises(errors.BackingChainError):
-        with vmforge.open_image(a) as img:
-            img.read(0, 512)
+    with pytest.raises(errors.BackingChainError), vmforge.open_image(a) as img:
+        img.read(0, 512)
     proc = run_vmforge("info", "--backing-chain", a, timeout=60, isolated=True)
     assert_clean_error(proc)
 
@@ -384,9 +387,8 @@ def test_self_backing_refused(tmp_path):
     a = tmp_path / "a.qcow2"
     qemu_img("create", "-f", "qcow2", a, "4M")
     qemu_img("rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", a)
-    with pytest.raises(errors.BackingChainError):
-        with vmforge.open_image(a) as img:
-            img.read(0, 512)
+    with pytest.raises(errors.BackingChainError), vmforge.open_image(a) as img:
+        img.read(0, 512)
     assert_refused(a, tmp_path, commands=("map", "convert"), api=False)
 
 
@@ -398,9 +400,8 @@ def test_chain_deeper_than_limit_refused(tmp_path):
         back = ["-b", prev.name, "-F", "qcow2"] if prev else []
         qemu_img("create", "-f", "qcow2", "-u", *back, p, "1M")
         prev = p
-    with pytest.raises(errors.BackingChainError):
-        with vmforge.open_image(prev) as img:
-            img.read(0, 512)
+    with pytest.raises(errors.BackingChainError), vmforge.open_image(prev) as img:
+        img.read(0, 512)
     assert_refused(prev, tmp_path, commands=("convert", "map"), api=False)
 
 
@@ -415,9 +416,8 @@ def test_untrusted_mode_refuses_any_backing(tmp_path):
     base.write_bytes(b"x" * 4096)
     for name in ("base.raw", "/etc/passwd", "json:{}", "nbd://127.0.0.1/x"):
         path = _with_backing(tmp_path, name)
-        with pytest.raises(errors.VmforgeError):
-            with vmforge.open_image(path, untrusted=True) as img:
-                img.read(0, 512)
+        with pytest.raises(errors.VmforgeError), vmforge.open_image(path, untrusted=True) as img:
+            img.read(0, 512)
         path.unlink()
 
 
@@ -435,12 +435,11 @@ def test_data_file_bit_refused_in_untrusted_mode(tmp_path):
     qemu_img("create", "-f", "qcow2", "-o", f"data_file={data}", path, "4M")
     qemu_io(path, ["write -P 0x42 0 64k"])
     before = sha256(path)
-    with pytest.raises(errors.VmforgeError):
-        with vmforge.open_image(path, untrusted=True, allow_data_file=True) as img:
-            img.read(0, 4096)
-    with pytest.raises(errors.UnsupportedFeature):
-        with vmforge.open_image(path) as img:
-            img.read(0, 4096)
+    with pytest.raises(errors.VmforgeError), \
+            vmforge.open_image(path, untrusted=True, allow_data_file=True) as img:
+        img.read(0, 4096)
+    with pytest.raises(errors.UnsupportedFeature), vmforge.open_image(path) as img:
+        img.read(0, 4096)
     with vmforge.open_image(path, allow_data_file=True) as img:
         assert img.read(0, 65536) == b"\x42" * 65536
     assert sha256(path) == before

@@ -17,10 +17,10 @@ from tests.data.qcow2_builders import SPECS, spec_names
 from tests.data.qemu import qemu_img_json
 from tests.helpers import (
     assert_same_bytes,
+    describe,
     map_classes,
     map_diff,
     run_vmforge,
-    describe,
     vmforge_json,
     vmforge_ok,
 )
@@ -134,7 +134,8 @@ def test_info_backing_chain_matches_qemu(images, name):
     assert isinstance(got, list) and len(got) == len(expected) == len(b.chain)
     for g, e in zip(got, expected, strict=True):
         for key in INFO_FIELDS:
-            assert g.get(key) == e.get(key), f"{e['filename']}: {key}: vmforge={g.get(key)!r} qemu={e.get(key)!r}"
+            assert g.get(key) == e.get(key), \
+                f"{e['filename']}: {key}: vmforge={g.get(key)!r} qemu={e.get(key)!r}"
 
 
 @pytest.mark.parametrize("name", spec_names("chain"))

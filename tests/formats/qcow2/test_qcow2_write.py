@@ -14,7 +14,7 @@ import os
 import pytest
 
 import vmforge
-from tests.data.generators import MiB, PATTERNS, pattern_bytes, write_pattern
+from tests.data.generators import PATTERNS, MiB, pattern_bytes, write_pattern
 from tests.data.qcow2_builders import (
     CLUSTER_SIZES,
     COMPATS,
@@ -24,7 +24,7 @@ from tests.data.qcow2_builders import (
     REFCOUNT_BITS,
 )
 from tests.data.qemu import check_json, opts, qemu_img, qemu_img_json, qemu_io
-from tests.helpers import assert_clean_error, describe, run_vmforge, vmforge_json, vmforge_ok
+from tests.helpers import assert_clean_error, run_vmforge, vmforge_json, vmforge_ok
 
 
 def _option_sets() -> list[tuple[str, dict[str, object], bool]]:
