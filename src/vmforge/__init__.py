@@ -15,6 +15,12 @@ The API mirrors the CLI::
 
 from __future__ import annotations
 
+import os as _os
+
+# numpy's OpenBLAS starts one busy-waiting thread per core at import; vmforge does no
+# linear algebra, and on a 2-core machine those threads steal time from the copy.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from .engine.copy import CopyStats
 from .errors import VmforgeError
 from .model import Extent, ExtentKind, human_size, parse_size

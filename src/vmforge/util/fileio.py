@@ -16,11 +16,17 @@ if _fallocate is not None:
     _fallocate.restype = ctypes.c_int
 
 
+#: Buffered writes go through the page cache far faster in pieces of this size than
+#: in multi-megabyte calls: 1.4 GiB took 0.43 s of kernel time in 128 KiB pwrites and
+#: 2.2-5.7 s in 1-4 MiB ones on our 2-core build machines (large-folio allocation).
+WRITE_PIECE = 128 << 10
+
+
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """pwrite until everything is written (short writes happen on some file systems)."""
-    view = memoryview(data)
+    """pwrite everything, in WRITE_PIECE pieces (short writes are retried)."""
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
     while len(view):
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view[:WRITE_PIECE], offset)
         view = view[n:]
         offset += n
 
