@@ -60,7 +60,7 @@ demo: setup  ## build a sample disk, convert it to every format and verify with 
 	$(VPY) scripts/demo.py
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
-test: setup  ## run the test suite in parallel (pytest-xdist)
+test: setup lint  ## lint, then run the test suite in parallel (pytest-xdist)
 	@rc=0; $(VPY) -m pytest -n auto $(PYTEST_ARGS) || rc=$$?; \
 	if [ "$$rc" -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
