@@ -14,9 +14,10 @@ from .base import (
 from .qcow2 import Qcow2Format
 from .raw import RawFormat
 from .registry import detect_format, get_format, list_formats, open_layer
+from .vhd import VpcFormat
 
 __all__ = [
     "BackingRef", "Capabilities", "Format", "HostFile", "ImageReader", "ImageWriter",
-    "OpenOptions", "Qcow2Format", "RawFormat", "detect_format", "get_format", "list_formats",
-    "open_layer",
+    "OpenOptions", "Qcow2Format", "RawFormat", "VpcFormat", "detect_format", "get_format",
+    "list_formats", "open_layer",
 ]

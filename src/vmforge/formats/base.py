@@ -236,6 +236,11 @@ class Format(abc.ABC):
         """Score 0..100 for how surely ``head`` (the first bytes of the file) is this format."""
 
     @classmethod
+    def probe_tail(cls, tail: bytes, file_size: int) -> int:
+        """Score from the last 512 bytes, for formats recognised by a footer (fixed VHD)."""
+        return 0
+
+    @classmethod
     @abc.abstractmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
         """Open one layer for reading."""

@@ -39,9 +39,12 @@ def detect_format(path: str) -> type[Format]:
     try:
         head = host.pread_upto(0, PROBE_BYTES)
         size = host.size
+        tail = host.pread_upto(size - 512, 512) if size >= 512 else b""
     finally:
         host.close()
-    scores = [(fmt.probe(head, size), fmt) for fmt in Format.registry.values()]
+    # a footer counts like a header: a file with both is a polyglot and is refused
+    scores = [(max(fmt.probe(head, size), fmt.probe_tail(tail, size)), fmt)
+              for fmt in Format.registry.values()]
     strong = [(s, f) for s, f in scores if s > 1]
     if len(strong) > 1:
         names = ", ".join(f.name for _, f in strong)

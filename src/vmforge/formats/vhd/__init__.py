@@ -1,0 +1,106 @@
+"""vpc (VHD): Microsoft Virtual PC / Hyper-V disks, fixed and dynamic.
+
+qemu-img calls the format "vpc"; "vhd" is accepted as an alias. Unlike qemu, vmforge
+recognises a fixed VHD by its footer at the end of the file (``probe_tail``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ...errors import OptionError
+from ..base import BackingRef, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
+from . import structs as S
+from .reader import VpcReader
+from .writer import DynamicWriter, FixedWriter, make_footer
+
+CREATE_OPTIONS = {
+    "subformat": "dynamic (default) or fixed",
+    "force_size": "on | off: keep the size exactly instead of rounding it up to a CHS geometry",
+}
+
+
+def _flag(key: str, value: str) -> bool:
+    v = value.lower()
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise OptionError(f"invalid value '{value}' for {key}", option=key, hint="use on or off")
+
+
+def plan_size(size: int, force_size: bool) -> tuple[int, tuple[int, int, int]]:
+    """(disk size, CHS) that qemu-img 7.2 would create for a requested ``size``.
+
+    Raises OptionError past 2040 GiB, with qemu-img's wording.
+    """
+    too_large = OptionError("The image size is too large for file format 'vpc'",
+                            option="size", hint="VHD disks hold at most 2040 GiB")
+    if force_size:
+        if size // S.SECTOR > S.MAX_SECTORS:
+            raise too_large
+        return size, S.CHS_MAX
+    try:
+        return S.geometry_for_size(size)
+    except ValueError:
+        raise too_large from None
+
+
+class VpcFormat(Format):
+    name = "vpc"
+    aliases = ("vhd",)
+    capabilities = Capabilities(read=True, write=True)
+    create_options = CREATE_OPTIONS
+
+    @classmethod
+    def probe(cls, head: bytes, file_size: int) -> int:
+        # A dynamic disk starts with a copy of its footer; fixed ones: see probe_tail.
+        return 100 if head[:8] == S.COOKIE else 0
+
+    @classmethod
+    def probe_tail(cls, tail: bytes, file_size: int) -> int:
+        """Score a fixed VHD from the last 512 bytes of the file.
+
+        Raw disks can end in anything, so only a footer that is entirely consistent
+        counts: cookie, checksum, fixed disk type, and a size that matches the file.
+        """
+        if len(tail) != S.FOOTER_SIZE or tail[:8] != S.COOKIE:
+            return 0
+        if not S.footer_checksum_ok(tail):
+            return 0
+        footer = S.Footer.unpack(tail)
+        if footer.disk_type != S.DISK_TYPE_FIXED:
+            return 0
+        if footer.current_size + S.FOOTER_SIZE != file_size and \
+                footer.original_size + S.FOOTER_SIZE != file_size:
+            return 0
+        return 90
+
+    @classmethod
+    def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        return VpcReader(path, options)
+
+    @classmethod
+    def create(cls, path: str, size: int, options: Mapping[str, str],
+               backing: BackingRef | None = None, backing_size: int | None = None) -> ImageWriter:
+        if backing is not None:
+            raise OptionError("vpc images cannot have a backing file", option="backing_file",
+                              hint="use -O qcow2 for an overlay")
+        for key in options:
+            if key not in CREATE_OPTIONS:
+                raise OptionError(f"vpc does not support option '{key}'", option=key,
+                                  hint="vpc takes: " + ", ".join(CREATE_OPTIONS))
+        sub = options.get("subformat", "dynamic")
+        if sub not in ("dynamic", "fixed"):
+            raise OptionError(f"invalid subformat '{sub}'", option="subformat",
+                              hint="use dynamic or fixed")
+        force = _flag("force_size", options.get("force_size", "off"))
+        disk_size, chs = plan_size(size, force)
+        if sub == "fixed":
+            return FixedWriter(path, disk_size,
+                               make_footer(disk_size, chs, S.DISK_TYPE_FIXED, force))
+        return DynamicWriter(path, disk_size,
+                             make_footer(disk_size, chs, S.DISK_TYPE_DYNAMIC, force))
+
+
+__all__ = ["VpcFormat", "VpcReader", "DynamicWriter", "FixedWriter", "plan_size"]
