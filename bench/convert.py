@@ -173,14 +173,15 @@ class Case:
 # Add later formats here, e.g.
 #   Case("raw-vmdk-stream", "raw → vmdk streamOptimized", "mixed", "vmdk",
 #        ("-o", "subformat=streamOptimized")),
-#   Case("raw-vhdx", "raw → vhdx", "mixed", "vhdx"), Case("raw-vpc", "raw → vpc", "mixed", "vpc"),
-#   Case("raw-vdi", "raw → vdi", "mixed", "vdi").
+#   Case("raw-vhdx", "raw → vhdx", "mixed", "vhdx").
 CASES: list[Case] = [
     Case("raw-qcow2", "raw → qcow2", "mixed", "qcow2"),
     Case("qcow2-raw", "qcow2 → raw", "mixed.qcow2", "raw"),
     Case("raw-qcow2-zlib", "raw → qcow2 -c (zlib)", "mixed", "qcow2", ("-c",)),
     Case("raw-qcow2-zstd", "raw → qcow2 -c zstd", "mixed", "qcow2", ("-c", "-o", "compression_type=zstd")),
     Case("sparse-raw-qcow2", "sparse 1 TiB / 64 MiB data raw → qcow2", "sparse", "qcow2"),
+    Case("raw-vpc", "raw → vpc (dynamic VHD)", "mixed", "vpc"),
+    Case("raw-vpc-fixed", "raw → vpc fixed", "mixed", "vpc", ("-o", "subformat=fixed")),
 ]
 
 
