@@ -14,10 +14,11 @@ from .base import (
 from .qcow2 import Qcow2Format
 from .raw import RawFormat
 from .registry import detect_format, get_format, list_formats, open_layer
+from .vdi import VdiFormat
 from .vhd import VpcFormat
 
 __all__ = [
     "BackingRef", "Capabilities", "Format", "HostFile", "ImageReader", "ImageWriter",
-    "OpenOptions", "Qcow2Format", "RawFormat", "VpcFormat", "detect_format", "get_format",
+    "OpenOptions", "Qcow2Format", "RawFormat", "VdiFormat", "VpcFormat", "detect_format", "get_format",
     "list_formats", "open_layer",
 ]

@@ -47,4 +47,8 @@ def map_entries(image: Image) -> list[dict[str, Any]]:
                 last["length"] += entry["length"]
                 continue
         out.append(entry)
+    if not out:
+        # an empty disk: qemu-img prints one zero-length entry with every flag false
+        out.append({"start": 0, "length": 0, "depth": 0, "present": False, "zero": False,
+                    "data": False})
     return out

@@ -1,0 +1,135 @@
+"""Writing VDI images, dynamic (blocks appended as they arrive) or static (preallocated).
+
+The layout is qemu's (block/vdi.c vdi_co_do_create): a 512-byte header, the block map
+at 0x200 in whole sectors, data blocks right after it. The block map stays in memory
+(4 bytes per MiB of disk) and is written with the header by ``finish``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+
+from ...errors import OutputError
+from ...util.fileio import pwrite_all, zero_range
+from ..base import HostFile, ImageWriter
+from . import structs as S
+from .reader import read_block_map, read_header
+
+
+class VdiWriter(ImageWriter):
+    #: dynamic: whole blocks, so a block is allocated once and in full. Static images
+    #: have every block in place already and, like raw files, keep zero runs as holes
+    #: (qemu-img convert leaves them unwritten too)
+    granularity = S.BLOCK_SIZE
+
+    def __init__(self, path: str, size: int, *, fixed: bool) -> None:
+        self.path = path
+        self.virtual_size = size
+        self.header = S.new_header(size, fixed=fixed)
+        blocks = self.header.cBlocks
+        if fixed:
+            # static images map block i to host block i (vdi_co_do_create)
+            self.bmap = np.arange(blocks, dtype="<u4")
+        else:
+            self.bmap = np.full(blocks, S.BLOCK_FREE, dtype="<u4")
+        self.allocated = blocks if fixed else 0
+        if fixed:
+            self.granularity = S.SECTOR_SIZE
+        self.fd = _open(path, os.O_CREAT | os.O_TRUNC)
+        if fixed:
+            try:
+                # sized in full but sparse, as qemu does (blk_truncate, PREALLOC_MODE_OFF)
+                os.ftruncate(self.fd, self.header.offData + blocks * S.BLOCK_SIZE)
+            except OSError as err:
+                self.abort()
+                raise OutputError(f"{path}: cannot size the file: {err.strerror}") from None
+
+    @classmethod
+    def open_existing(cls, path: str) -> VdiWriter:
+        """Reopen a VDI image to write guest data into it (``convert -n``)."""
+        host = HostFile(path)
+        try:
+            header = read_header(host)
+            bmap = read_block_map(host, header)
+        finally:
+            host.close()
+        self = cls.__new__(cls)
+        self.path = path
+        self.header = header
+        self.virtual_size = -(-header.cbDisk // S.SECTOR_SIZE) * S.SECTOR_SIZE
+        self.bmap = bmap
+        allocated = bmap[bmap < S.FIRST_UNALLOCATED]
+        # new blocks go after the highest one in use, whatever cBlocksAllocated claims
+        self.allocated = int(allocated.max()) + 1 if len(allocated) else 0
+        if header.u32Type == S.TYPE_FIXED:
+            self.granularity = S.SECTOR_SIZE
+        self.fd = _open(path, 0)
+        return self
+
+    def _host_block(self, idx: int) -> int:
+        """Host offset of block ``idx``, allocating it at the end of the data area."""
+        entry = int(self.bmap[idx])
+        if entry >= S.FIRST_UNALLOCATED:
+            entry = self.allocated
+            self.allocated += 1
+            self.bmap[idx] = entry
+        return self.header.offData + entry * S.BLOCK_SIZE
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        bs = S.BLOCK_SIZE
+        while len(view):
+            idx, inner = divmod(offset, bs)
+            n = min(len(view), bs - inner)
+            try:
+                pwrite_all(self.fd, view[:n], self._host_block(idx) + inner)
+            except OSError as err:
+                raise OutputError(f"{self.path}: write failed: {err.strerror}") from None
+            view = view[n:]
+            offset += n
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        # free blocks already read as zeros; only blocks holding data need zeroing
+        bs = S.BLOCK_SIZE
+        end = offset + length
+        while offset < end:
+            idx, inner = divmod(offset, bs)
+            n = min(end - offset, bs - inner)
+            entry = int(self.bmap[idx])
+            if entry < S.FIRST_UNALLOCATED:
+                zero_range(self.fd, self.header.offData + entry * bs + inner, n)
+            offset += n
+
+    def finish(self) -> None:
+        h = self.header
+        in_use = int(np.count_nonzero(self.bmap < S.FIRST_UNALLOCATED))
+        header = replace(h, cBlocksAllocated=in_use)
+        table = self.bmap.astype("<u4").tobytes()
+        table += bytes(S.block_map_bytes(h.cBlocks) - len(table))
+        try:
+            pwrite_all(self.fd, header.pack(), 0)
+            pwrite_all(self.fd, table, h.offBlocks)
+            # the file ends with the last allocated block in full: a final partial
+            # block reads zeros past the data that was written
+            end = h.offData + self.allocated * S.BLOCK_SIZE
+            if os.fstat(self.fd).st_size < end:
+                os.ftruncate(self.fd, end)
+        except OSError as err:
+            raise OutputError(f"{self.path}: cannot write the VDI header: {err.strerror}") from None
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open(path: str, flags: int) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | flags, 0o644)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot open for writing: {err.strerror}") from None
