@@ -182,6 +182,7 @@ CASES: list[Case] = [
     Case("sparse-raw-qcow2", "sparse 1 TiB / 64 MiB data raw → qcow2", "sparse", "qcow2"),
     Case("raw-vpc", "raw → vpc (dynamic VHD)", "mixed", "vpc"),
     Case("raw-vpc-fixed", "raw → vpc fixed", "mixed", "vpc", ("-o", "subformat=fixed")),
+    Case("raw-vdi", "raw → vdi", "mixed", "vdi"),
 ]
 
 
