@@ -5,7 +5,7 @@ The API mirrors the CLI::
     import vmforge
     vmforge.create("base.qcow2", "qcow2", 10 << 30)
     with vmforge.open_image("base.qcow2") as img:
-        print(img.format, img.virtual_size)
+        fmt, size = img.format, img.virtual_size
         for ext in img.iter_extents():
             ...
         head = img.read(0, 512)

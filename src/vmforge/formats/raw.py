@@ -23,6 +23,7 @@ from .base import (
     OpenOptions,
     file_data_runs,
 )
+from .options import check_create_options
 
 
 class RawReader(ImageReader):
@@ -124,13 +125,7 @@ class RawFormat(Format):
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str],
                backing: BackingRef | None = None, backing_size: int | None = None) -> ImageWriter:
-        if backing is not None:
-            raise OptionError("raw images cannot have a backing file", option="backing_file",
-                              hint="use -O qcow2 for an overlay")
-        for key in options:
-            if key not in cls.create_options:
-                raise OptionError(f"raw does not support option '{key}'", option=key,
-                                  hint="raw takes: " + ", ".join(cls.create_options))
+        check_create_options("raw", options, cls.create_options, backing)
         prealloc = options.get("preallocation", "off")
         if prealloc not in PREALLOC_MODES:
             raise OptionError(f"invalid preallocation '{prealloc}' for raw", option="preallocation",

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from ...errors import OptionError, UnsupportedFeature
 from ...model import parse_size
 from ..base import BackingRef, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
+from ..options import check_create_options, parse_flag
 from . import structs as S
 from .reader import Qcow2Reader
 from .writer import Qcow2Options, Qcow2Writer
@@ -25,15 +26,6 @@ CREATE_OPTIONS = {
     "backing_fmt": "format of the backing image",
     "compression_level": "deflate 1-9 or zstd 1-22 (vmforge only)",
 }
-
-
-def _flag(key: str, value: str) -> bool:
-    v = value.lower()
-    if v in ("on", "true", "yes", "1"):
-        return True
-    if v in ("off", "false", "no", "0"):
-        return False
-    raise OptionError(f"invalid value '{value}' for {key}", option=key, hint="use on or off")
 
 
 def check_size(size: int, opts: Qcow2Options, *, creating: bool) -> None:
@@ -56,9 +48,7 @@ def parse_options(options: Mapping[str, str]) -> Qcow2Options:
         if key == "data_file" or key == "data_file_raw":
             raise UnsupportedFeature("external data file", detail="vmforge does not create them",
                                      hint="keep the data inside the qcow2 file")
-        if key not in CREATE_OPTIONS:
-            raise OptionError(f"qcow2 does not support option '{key}'", option=key,
-                              hint="qcow2 takes: " + ", ".join(CREATE_OPTIONS))
+    check_create_options("qcow2", options, CREATE_OPTIONS, has_backing=True)
     compat = options.get("compat", "1.1")
     versions = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
     if compat not in versions:
@@ -81,7 +71,7 @@ def parse_options(options: Mapping[str, str]) -> Qcow2Options:
     if prealloc not in PREALLOC_MODES:
         raise OptionError(f"invalid preallocation '{prealloc}'", option="preallocation",
                           hint="choose one of: " + ", ".join(PREALLOC_MODES))
-    lazy = _flag("lazy_refcounts", options.get("lazy_refcounts", "off"))
+    lazy = parse_flag("lazy_refcounts", options.get("lazy_refcounts", "off"))
     if lazy and version < 3:
         raise OptionError("lazy_refcounts needs compat=1.1", option="lazy_refcounts")
     try:
@@ -92,7 +82,7 @@ def parse_options(options: Mapping[str, str]) -> Qcow2Options:
         raise OptionError("refcount_bits must be a power of two up to 64", option="refcount_bits")
     if refcount_bits != 16 and version < 3:
         raise OptionError("refcount_bits other than 16 needs compat=1.1", option="refcount_bits")
-    ext_l2 = _flag("extended_l2", options.get("extended_l2", "off"))
+    ext_l2 = parse_flag("extended_l2", options.get("extended_l2", "off"))
     if ext_l2 and version < 3:
         raise OptionError("extended_l2 needs compat=1.1", option="extended_l2")
     if ext_l2 and cluster_size < 16384:

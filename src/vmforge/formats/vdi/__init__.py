@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from ...errors import OptionError
 from ..base import BackingRef, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
+from ..options import check_create_options, parse_flag
 from . import structs as S
 from .reader import VdiReader
 from .writer import VdiWriter
@@ -18,15 +19,6 @@ from .writer import VdiWriter
 CREATE_OPTIONS = {
     "static": "on | off (default): preallocate every block (VirtualBox 'fixed' image)",
 }
-
-
-def _flag(key: str, value: str) -> bool:
-    v = value.lower()
-    if v in ("on", "true", "yes", "1"):
-        return True
-    if v in ("off", "false", "no", "0"):
-        return False
-    raise OptionError(f"invalid value '{value}' for {key}", option=key, hint="use on or off")
 
 
 class VdiFormat(Format):
@@ -50,14 +42,8 @@ class VdiFormat(Format):
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str],
                backing: BackingRef | None = None, backing_size: int | None = None) -> ImageWriter:
-        if backing is not None:
-            raise OptionError("vdi images cannot have a backing file", option="backing_file",
-                              hint="use -O qcow2 for an overlay")
-        for key in options:
-            if key not in CREATE_OPTIONS:
-                raise OptionError(f"vdi does not support option '{key}'", option=key,
-                                  hint="vdi takes: " + ", ".join(CREATE_OPTIONS))
-        fixed = _flag("static", options.get("static", "off"))
+        check_create_options("vdi", options, CREATE_OPTIONS, backing)
+        fixed = parse_flag("static", options.get("static", "off"))
         size = -(-size // S.SECTOR_SIZE) * S.SECTOR_SIZE  # qemu rounds up to whole sectors
         if size > S.MAX_DISK_SIZE:
             raise OptionError(f"unsupported VDI image size {size} (max supported is "

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from ...errors import OptionError
 from ..base import BackingRef, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
+from ..options import check_create_options, parse_flag
 from . import structs as S
 from .reader import VpcReader
 from .writer import DynamicWriter, FixedWriter, make_footer
@@ -18,15 +19,6 @@ CREATE_OPTIONS = {
     "subformat": "dynamic (default) or fixed",
     "force_size": "on | off: keep the size exactly instead of rounding it up to a CHS geometry",
 }
-
-
-def _flag(key: str, value: str) -> bool:
-    v = value.lower()
-    if v in ("on", "true", "yes", "1"):
-        return True
-    if v in ("off", "false", "no", "0"):
-        return False
-    raise OptionError(f"invalid value '{value}' for {key}", option=key, hint="use on or off")
 
 
 def plan_size(size: int, force_size: bool) -> tuple[int, tuple[int, int, int]]:
@@ -83,18 +75,12 @@ class VpcFormat(Format):
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str],
                backing: BackingRef | None = None, backing_size: int | None = None) -> ImageWriter:
-        if backing is not None:
-            raise OptionError("vpc images cannot have a backing file", option="backing_file",
-                              hint="use -O qcow2 for an overlay")
-        for key in options:
-            if key not in CREATE_OPTIONS:
-                raise OptionError(f"vpc does not support option '{key}'", option=key,
-                                  hint="vpc takes: " + ", ".join(CREATE_OPTIONS))
+        check_create_options("vpc", options, CREATE_OPTIONS, backing)
         sub = options.get("subformat", "dynamic")
         if sub not in ("dynamic", "fixed"):
             raise OptionError(f"invalid subformat '{sub}'", option="subformat",
                               hint="use dynamic or fixed")
-        force = _flag("force_size", options.get("force_size", "off"))
+        force = parse_flag("force_size", options.get("force_size", "off"))
         disk_size, chs = plan_size(size, force)
         if sub == "fixed":
             return FixedWriter(path, disk_size,
