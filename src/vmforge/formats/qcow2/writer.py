@@ -75,7 +75,8 @@ class Qcow2Writer(ImageWriter):
         self.l1 = np.zeros(self.l1_size, dtype=np.uint64)
         self.tables: dict[int, _L2] = {}
         self.flushed_below = 0  # L1 indexes below this have been written out
-        self.refcounts = np.zeros(1024, dtype=np.uint64)
+        # 4 bytes per host cluster: 64 MiB for 1 TiB of data in 64 KiB clusters
+        self.refcounts = np.zeros(1024, dtype=np.uint32)
         self.max_refcount = (1 << (1 << opts.refcount_order)) - 1
         self.next_host = self.cs  # cluster 0 is the header
         self._ref(0, 1)
@@ -129,7 +130,8 @@ class Qcow2Writer(ImageWriter):
             nb = -(-reader.host.size // cs)
             from .check import stored_refcounts
 
-            self.refcounts = stored_refcounts(reader, nb)
+            stored = stored_refcounts(reader, nb)
+            self.refcounts = np.minimum(stored, np.uint64(0xFFFFFFFF)).astype(np.uint32)
             self.next_host = nb * cs
             # the old L1 and refcount structures are replaced when finishing
             self._unref_range(h.l1_table_offset, h.l1_size * 8)
@@ -151,7 +153,7 @@ class Qcow2Writer(ImageWriter):
             return
         first, last = offset // self.cs, (offset + length - 1) // self.cs
         counts = self.refcounts[first:last + 1]
-        counts[counts > 0] -= np.uint64(1)
+        counts[counts > 0] -= np.uint32(1)
 
     # -- host cluster accounting -----------------------------------------------------------
 
@@ -159,10 +161,10 @@ class Qcow2Writer(ImageWriter):
         """Add ``count`` references to host clusters ``[cluster, cluster+n)``."""
         need = cluster + n
         if need > len(self.refcounts):
-            grown = np.zeros(max(need, 2 * len(self.refcounts)), dtype=np.uint64)
+            grown = np.zeros(max(need, 2 * len(self.refcounts)), dtype=np.uint32)
             grown[: len(self.refcounts)] = self.refcounts
             self.refcounts = grown
-        self.refcounts[cluster:cluster + n] += np.uint64(count)
+        self.refcounts[cluster:cluster + n] += np.uint32(count)
 
     def _alloc(self, n: int) -> int:
         """n contiguous new host clusters, referenced once; returns the host offset."""
@@ -263,7 +265,7 @@ class Qcow2Writer(ImageWriter):
         sectors = ((entry >> self.csize_shift) & ((1 << (62 - self.csize_shift)) - 1)) + 1
         first = (start & ~511) // self.cs
         last = ((start & ~511) + sectors * 512 - 1) // self.cs
-        self.refcounts[first:last + 1] -= np.uint64(1)
+        self.refcounts[first:last + 1] -= np.uint32(1)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero whole clusters (the engine aligns zero runs to the cluster size)."""
@@ -409,9 +411,11 @@ class Qcow2Writer(ImageWriter):
         counts = self.refcounts[:total]
         if int(counts.max(initial=0)) > self.max_refcount:
             raise OutputError(f"{self.path}: a refcount exceeds refcount_bits={bits}")
-        padded = np.zeros(blocks * per_block, dtype=np.uint64)
-        padded[:total] = counts
-        pwrite_all(self.fd, S.pack_refcounts(padded, bits), block_offset)
+        for b in range(blocks):  # one block at a time: memory stays one cluster wide
+            block = np.zeros(per_block, dtype=np.uint64)
+            part = counts[b * per_block:(b + 1) * per_block]
+            block[:len(part)] = part
+            pwrite_all(self.fd, S.pack_refcounts(block, bits), block_offset + b * cs)
         entries = np.zeros(table * per_table_cluster, dtype=np.uint64)
         entries[:blocks] = block_offset + np.arange(blocks, dtype=np.uint64) * np.uint64(cs)
         pwrite_all(self.fd, entries.astype(">u8").tobytes(), table_offset)
