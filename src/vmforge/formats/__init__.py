@@ -11,6 +11,7 @@ from .base import (
     ImageWriter,
     OpenOptions,
 )
+from .parallels import ParallelsFormat
 from .qcow2 import Qcow2Format
 from .raw import RawFormat
 from .registry import detect_format, get_format, list_formats, open_layer
@@ -19,6 +20,6 @@ from .vhd import VpcFormat
 
 __all__ = [
     "BackingRef", "Capabilities", "Format", "HostFile", "ImageReader", "ImageWriter",
-    "OpenOptions", "Qcow2Format", "RawFormat", "VdiFormat", "VpcFormat", "detect_format", "get_format",
-    "list_formats", "open_layer",
+    "OpenOptions", "ParallelsFormat", "Qcow2Format", "RawFormat", "VdiFormat", "VpcFormat",
+    "detect_format", "get_format", "list_formats", "open_layer",
 ]

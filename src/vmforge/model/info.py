@@ -55,7 +55,7 @@ class ImageInfo:
     backing_filename: str | None = None
     full_backing_filename: str | None = None
     backing_format: str | None = None
-    dirty: bool = False
+    dirty: bool | None = False  # None: the format has no such flag (qemu prints none)
     format_specific: dict[str, Any] = field(default_factory=dict)
     snapshots: list[SnapshotInfo] = field(default_factory=list)
     children: list[str] = field(default_factory=list)

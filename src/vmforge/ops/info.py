@@ -26,7 +26,8 @@ def info_to_qemu_json(info: ImageInfo) -> dict[str, Any]:
     if info.backing_filename:
         out["full-backing-filename"] = info.full_backing_filename or info.backing_filename
         out["backing-filename"] = info.backing_filename
-    out["dirty-flag"] = info.dirty
+    if info.dirty is not None:
+        out["dirty-flag"] = info.dirty
     return out
 
 
