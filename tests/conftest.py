@@ -11,6 +11,7 @@ import pytest
 from tests.data import qemu
 from tests.data.generators import write_pattern
 from tests.data.qcow2_builders import SPECS, Built
+from tests.data.qemu import qemu_img
 from tests.helpers import decompress_sparse
 
 CORPUS = Path(os.environ.get("VMFORGE_CORPUS", "/work/shared/corpus"))
@@ -70,6 +71,30 @@ def pattern_file(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def qemu_made(pattern_file: Callable[..., Path],
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
+    """``qemu_made(fmt, options, pattern, size)`` -> (image qemu-img wrote, qemu's raw of it).
+
+    Made once per worker; formats' reader tests compare vmforge against both files.
+    """
+    root = tmp_path_factory.mktemp("qemu-made")
+    cache: dict[tuple[str, str, str, int], tuple[Path, Path]] = {}
+
+    def get(fmt: str, options: str, name: str, size: int) -> tuple[Path, Path]:
+        key = (fmt, options, name, size)
+        if key not in cache:
+            src = pattern_file(name, size=size)
+            stem = f"{fmt}-{len(cache)}-{name}-{size}"
+            img, raw = root / f"{stem}.img", root / f"{stem}.raw"
+            qemu_img("convert", "-O", fmt, *(["-o", options] if options else []), src, img)
+            qemu_img("convert", "-f", fmt, "-O", "raw", img, raw)
+            cache[key] = (img, raw)
+        return cache[key]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -252,3 +252,12 @@ def map_diff(actual: list[dict[str, Any]], expected: list[dict[str, Any]], limit
 def copy_image(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     shutil.copyfile(src, dest)
     return Path(dest)
+
+
+def poke(path: str | os.PathLike[str], offset: int, fmt: str, *values: int | bytes) -> None:
+    """Overwrite ``struct.pack(fmt, *values)`` at ``offset`` (hostile-input generators)."""
+    import struct
+
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, *values))

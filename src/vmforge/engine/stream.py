@@ -49,7 +49,7 @@ class ExtentStream:
     def read_extent(self, ext: Extent, out: memoryview) -> None:
         """Write the guest bytes of one resolved extent into ``out`` (len == ext.length)."""
         if ext.reads_zero:
-            out[:] = bytes(len(out)) if len(out) <= 1 << 16 else _zeros(len(out))
+            out[:] = bytes(len(out))
             return
         layer = self.chain.layers[ext.depth]
         if not ext.compressed:
@@ -70,7 +70,3 @@ class ExtentStream:
         else:
             self._units.move_to_end(key)
         out[:] = unit[ext.inner_offset: ext.inner_offset + ext.length]
-
-
-def _zeros(n: int) -> bytes:
-    return bytes(n)

@@ -80,15 +80,16 @@ def convert(
                 writer.abort()
                 raise UsageError(f"{dest} is smaller ({writer.virtual_size} bytes) than the source "
                                  f"({source.virtual_size} bytes)")
-            return _run(source, writer, dest, explicit_zeroes=True, sparse_size=sparse_size,
-                        compress=compress, workers=workers, progress=progress)
-        with atomic_output(dest) as tmp:
-            writer = format_cls.create(tmp, align_up(source.virtual_size, 512), opts, ref, None)
-            return _run(source, writer, dest, explicit_zeroes=ref is not None,
-                        sparse_size=sparse_size, compress=compress, workers=workers,
-                        progress=progress)
-    raise AssertionError("unreachable")
-
+            stats = _run(source, writer, dest, explicit_zeroes=True, sparse_size=sparse_size,
+                         compress=compress, workers=workers, progress=progress)
+        else:
+            with atomic_output(dest) as tmp:
+                writer = format_cls.create(tmp, align_up(source.virtual_size, 512), opts, ref,
+                                           None)
+                stats = _run(source, writer, dest, explicit_zeroes=ref is not None,
+                             sparse_size=sparse_size, compress=compress, workers=workers,
+                             progress=progress)
+    return stats
 
 def _run(source: Source, writer: ImageWriter, dest: str, *, explicit_zeroes: bool,
          sparse_size: int, compress: bool, workers: int | None,

@@ -21,6 +21,7 @@ from tests.helpers import (
     assert_same_bytes,
     decompress_sparse,
     map_diff,
+    poke,
     run_vmforge,
     vmforge_json,
     vmforge_ok,
@@ -51,29 +52,9 @@ OFF_INUSE = 44
 
 
 @pytest.fixture(scope="module")
-def qemu_par(pattern_file, tmp_path_factory):
-    """``(pattern, size, cluster) -> (image made by qemu-img, qemu's raw of it)``, cached."""
-    root = tmp_path_factory.mktemp("parallels-qemu")
-    cache: dict[tuple[str, int, str], tuple[Path, Path]] = {}
-
-    def get(name: str, size: int, cluster: str) -> tuple[Path, Path]:
-        key = (name, size, cluster)
-        if key not in cache:
-            src = pattern_file(name, size=size)
-            img = root / f"{name}-{size}-{cluster}.hds"
-            raw = root / f"{name}-{size}-{cluster}.raw"
-            qemu_img("convert", "-O", "parallels", "-o", f"cluster_size={cluster}", src, img)
-            qemu_img("convert", "-f", "parallels", "-O", "raw", img, raw)
-            cache[key] = (img, raw)
-        return cache[key]
-
-    return get
-
-
-def _poke(path: Path, offset: int, fmt: str, *values: int | bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
+def qemu_par(qemu_made):
+    """``(pattern, size, cluster) -> (image made by qemu-img, qemu's raw of it)``."""
+    return lambda name, size, cluster: qemu_made("parallels", f"cluster_size={cluster}", name, size)
 
 
 def _same_as_qemu(img: Path, tmp_path: Path, *, raw: bool = True) -> None:
@@ -146,7 +127,7 @@ def test_dirty_image_reads_like_qemu(qemu_par, tmp_path):
     src, _ = qemu_par("mixed", 4 * MiB, "64K")
     img = tmp_path / "dirty.hds"
     shutil.copyfile(src, img)
-    _poke(img, OFF_INUSE, "<I", S.INUSE_MAGIC)
+    poke(img, OFF_INUSE, "<I", S.INUSE_MAGIC)
     _same_as_qemu(img, tmp_path)
 
 
@@ -155,7 +136,7 @@ def test_disk_larger_than_bat_reads_zeros_like_qemu(qemu_par, tmp_path):
     src, _ = qemu_par("mixed", 4 * MiB, "64K")
     img = tmp_path / "short-bat.hds"
     shutil.copyfile(src, img)
-    _poke(img, OFF_BAT_ENTRIES, "<I", 20)
+    poke(img, OFF_BAT_ENTRIES, "<I", 20)
     _same_as_qemu(img, tmp_path)
 
 
@@ -196,7 +177,7 @@ def _hostile(qemu_par, tmp_path: Path, offset: int, fmt: str, value: int) -> Pat
     src, _ = qemu_par("mixed", 4 * MiB, "64K")
     img = tmp_path / "hostile.hds"
     shutil.copyfile(src, img)
-    _poke(img, offset, fmt, value)
+    poke(img, offset, fmt, value)
     return img
 
 

@@ -9,7 +9,6 @@ Hostile files fail with one typed error line.
 from __future__ import annotations
 
 import shutil
-import struct
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.helpers import (
     assert_clean_error,
     assert_same_bytes,
     map_diff,
+    poke,
     run_vmforge,
     vmforge_json,
     vmforge_ok,
@@ -53,29 +53,9 @@ OFF_UUID_LINKAGE = 0x1A8
 
 
 @pytest.fixture(scope="module")
-def qemu_vdi(pattern_file, tmp_path_factory):
-    """``(pattern, size, kind) -> (vdi made by qemu-img, qemu's raw of it)``, cached."""
-    root = tmp_path_factory.mktemp("vdi-qemu")
-    cache: dict[tuple[str, int, str], tuple[Path, Path]] = {}
-
-    def get(name: str, size: int, kind: str) -> tuple[Path, Path]:
-        key = (name, size, kind)
-        if key not in cache:
-            src = pattern_file(name, size=size)
-            vdi = root / f"{name}-{size}-{kind}.vdi"
-            raw = root / f"{name}-{size}-{kind}.raw"
-            qemu_img("convert", "-O", "vdi", "-o", STATIC[kind], src, vdi)
-            qemu_img("convert", "-f", "vdi", "-O", "raw", vdi, raw)
-            cache[key] = (vdi, raw)
-        return cache[key]
-
-    return get
-
-
-def _poke(path: Path, offset: int, fmt: str, *values: int | bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, *values))
+def qemu_vdi(qemu_made):
+    """``(pattern, size, kind) -> (vdi made by qemu-img, qemu's raw of it)``."""
+    return lambda name, size, kind: qemu_made("vdi", STATIC[kind], name, size)
 
 
 # --- reading what qemu-img writes ----------------------------------------------------
@@ -136,7 +116,7 @@ def test_discarded_blocks_read_zero_like_qemu(qemu_vdi, tmp_path):
     vdi = tmp_path / "discard.vdi"
     shutil.copyfile(src, vdi)
     h = S.Header.unpack(vdi.read_bytes()[:512])
-    _poke(vdi, h.offBlocks + 4, "<I", S.BLOCK_ZERO)  # block 1
+    poke(vdi, h.offBlocks + 4, "<I", S.BLOCK_ZERO)  # block 1
     ours, theirs = vmforge_json("map", vdi), qemu_img_json("map", vdi)
     assert ours == theirs, map_diff(ours, theirs)
     qemu_raw, our_raw = tmp_path / "q.raw", tmp_path / "v.raw"
@@ -242,10 +222,10 @@ def _poked_images(src: Path, root: Path) -> dict[str, Path]:
         p = root / f"{name}.vdi"
         shutil.copyfile(src, p)
         out[name] = p
-    _poke(out["too_large"], h.offBlocks, "<I", h.cBlocks + 5)
-    _poke(out["duplicate"], h.offBlocks + 4, "<I", 0)  # block 1 -> host block 0 as well
-    _poke(out["alloc_mismatch"], OFF_CBLOCKSALLOC, "<I", h.cBlocksAllocated + 1)
-    _poke(out["many_bad"], h.offBlocks, "<4I", 0, 0, 0, 0x7FFFFFFF)
+    poke(out["too_large"], h.offBlocks, "<I", h.cBlocks + 5)
+    poke(out["duplicate"], h.offBlocks + 4, "<I", 0)  # block 1 -> host block 0 as well
+    poke(out["alloc_mismatch"], OFF_CBLOCKSALLOC, "<I", h.cBlocksAllocated + 1)
+    poke(out["many_bad"], h.offBlocks, "<4I", 0, 0, 0, 0x7FFFFFFF)
     return out
 
 
@@ -287,7 +267,7 @@ def test_truncated_header_every_length(small_vdi, tmp_path):
 def _hostile(small_vdi: Path, tmp_path: Path, offset: int, fmt: str, *values: int | bytes) -> Path:
     p = tmp_path / "hostile.vdi"
     shutil.copyfile(small_vdi, p)
-    _poke(p, offset, fmt, *values)
+    poke(p, offset, fmt, *values)
     return p
 
 
@@ -331,7 +311,7 @@ def test_hostile_header_refused(small_vdi, tmp_path, case, cmd):
 def test_differencing_vdi_names_parent(small_vdi, tmp_path):
     parent = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
     p = _hostile(small_vdi, tmp_path, OFF_UUID_LINKAGE, "16s", parent.bytes_le)
-    _poke(p, OFF_TYPE, "<I", S.TYPE_DIFF)
+    poke(p, OFF_TYPE, "<I", S.TYPE_DIFF)
     proc = run_vmforge("info", p)
     assert_clean_error(proc, contains=str(parent))
     assert "differencing" in proc.stderr

@@ -44,23 +44,9 @@ INFO_KEYS = ("virtual-size", "format", "cluster-size", "format-specific", "dirty
 
 
 @pytest.fixture(scope="module")
-def qemu_vhd(pattern_file, tmp_path_factory):
-    """``(pattern, size, subformat) -> (vhd made by qemu-img, qemu's raw of it)``, cached."""
-    root = tmp_path_factory.mktemp("vhd-qemu")
-    cache: dict[tuple[str, int, str], tuple[Path, Path]] = {}
-
-    def get(name: str, size: int, sub: str) -> tuple[Path, Path]:
-        key = (name, size, sub)
-        if key not in cache:
-            src = pattern_file(name, size=size)
-            vhd = root / f"{name}-{size}-{sub}.vhd"
-            raw = root / f"{name}-{size}-{sub}.raw"
-            qemu_img("convert", "-O", "vpc", "-o", SUBFORMATS[sub], src, vhd)
-            qemu_img("convert", "-f", "vpc", "-O", "raw", vhd, raw)
-            cache[key] = (vhd, raw)
-        return cache[key]
-
-    return get
+def qemu_vhd(qemu_made):
+    """``(pattern, size, subformat) -> (vhd made by qemu-img, qemu's raw of it)``."""
+    return lambda name, size, sub: qemu_made("vpc", SUBFORMATS[sub], name, size)
 
 
 @pytest.mark.parametrize("sub", list(SUBFORMATS))

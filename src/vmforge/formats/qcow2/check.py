@@ -132,7 +132,7 @@ def _count_l1(reader: Qcow2Reader, refs: _Refs, res: CheckResult, l1_offset: int
         res.total_clusters = -(-reader.header.size // cs)
     offset_mask, shift = S.compressed_fields(geo.cluster_bits)
     sector_mask = (1 << (62 - shift)) - 1
-    for index, l1e in enumerate(l1.tolist()):
+    for l1e in l1.tolist():
         l2_off = l1e & S.L1E_OFFSET_MASK
         if not l2_off:
             continue
@@ -175,7 +175,6 @@ def _count_l1(reader: Qcow2Reader, refs: _Refs, res: CheckResult, l1_offset: int
             if len(plain) > 1:
                 res.fragmented_clusters += int(
                     (plain[1:] != plain[:-1] + np.uint64(cs)).sum())
-        del index
 
 
 def _stored_refcounts(reader: Qcow2Reader, refs: _Refs, res: CheckResult,

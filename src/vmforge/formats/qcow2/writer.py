@@ -74,7 +74,6 @@ class Qcow2Writer(ImageWriter):
         self.l1_size = -(-size // self.l2_span)
         self.l1 = np.zeros(self.l1_size, dtype=np.uint64)
         self.tables: dict[int, _L2] = {}
-        self.flushed_below = 0  # L1 indexes below this have been written out
         # 4 bytes per host cluster: 64 MiB for 1 TiB of data in 64 KiB clusters
         self.refcounts = np.zeros(1024, dtype=np.uint32)
         self.max_refcount = (1 << (1 << opts.refcount_order)) - 1
