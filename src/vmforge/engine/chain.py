@@ -141,6 +141,12 @@ def open_chain(
         while True:
             layer = opener(current, current_fmt)
             layers.append(layer)
+            if len(layers) > 1:
+                # Differencing formats also name their parent by identity (VHD/VHDX
+                # unique IDs, VMDK CIDs); a child that can check it does so here.
+                verify = getattr(layers[-2], "verify_parent", None)
+                if verify is not None:
+                    verify(layer)
             ident = getattr(getattr(layer, "host", None), "ident", None)
             if ident is not None:
                 if ident in seen:
