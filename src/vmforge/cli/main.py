@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import UsageError, VmforgeError
-from . import images
+from . import images, lifecycle
 from .common import CommandFailed, die
 
 EPILOG = """\
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     images.register(sub)
+    lifecycle.register(sub)
     return parser
 
 

@@ -206,6 +206,26 @@ class ImageWriter(abc.ABC):
     def flush_before(self, offset: int) -> None:  # noqa: B027 - optional hook
         """Hint: nothing below guest ``offset`` will be written again (lets tables go to disk)."""
 
+    def resize(self, new_size: int) -> None:
+        """Change the virtual size of an existing image (``open_for_write``) before finish.
+
+        Shrinking drops everything past ``new_size``; callers check for data first.
+        """
+        raise UnsupportedFeature(f"resizing {type(self).__name__.removesuffix('Writer')} images",
+                                 path=self.path)
+
+    def make_empty(self) -> None:
+        """Drop everything this image stores, so every read falls through to its backing."""
+        raise UnsupportedFeature(
+            f"emptying {type(self).__name__.removesuffix('Writer')} images", path=self.path,
+            hint="keep the overlay as it is (commit -d)")
+
+    def set_backing(self, backing: BackingRef | None) -> None:
+        """Point an existing image at another backing file (None: no backing file)."""
+        raise UnsupportedFeature(
+            f"changing the backing file of {type(self).__name__.removesuffix('Writer')} images",
+            path=self.path)
+
     @abc.abstractmethod
     def finish(self) -> None:
         """Write remaining metadata and make the file complete."""

@@ -7,9 +7,10 @@ a sparse 1 TiB file with 64 MiB of data costs the time of 64 MiB.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator, Mapping
 
-from ..errors import OptionError, OutputError
+from ..errors import OptionError, OutputError, UnsupportedFeature
 from ..model import Extent, ExtentKind, align_up
 from ..model.info import ImageInfo
 from ..util.fileio import pwrite_all, write_zeros, zero_range
@@ -97,6 +98,13 @@ class RawWriter(ImageWriter):
     def write_zeroes(self, offset: int, length: int) -> None:
         # a hole where the file system can punch one (block devices get zero bytes)
         zero_range(self.fd, offset, length)
+
+    def resize(self, new_size: int) -> None:
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            raise UnsupportedFeature("resizing a block device", path=self.path,
+                                     hint="resize the device itself (lvresize, ...)")
+        os.ftruncate(self.fd, new_size)  # grown bytes read as zeros, a hole
+        self.virtual_size = new_size
 
     def finish(self) -> None:
         os.close(self.fd)

@@ -1,12 +1,18 @@
 """Format-independent operations, each built on the extent model."""
 
 from .check import check
+from .clone import full_clone, linked_clone
+from .commit import commit
 from .compare import CompareResult, compare
 from .convert import convert
 from .create import create
+from .dd import dd
 from .image import Image, open_image
 from .info import info_to_qemu_json, map_entries
 from .measure import measure
+from .rebase import rebase
+from .resize import resize
 
-__all__ = ["check", "compare", "CompareResult", "convert", "create", "Image", "open_image",
-           "info_to_qemu_json", "map_entries", "measure"]
+__all__ = ["check", "commit", "compare", "CompareResult", "convert", "create", "dd",
+           "full_clone", "Image", "info_to_qemu_json", "linked_clone", "map_entries", "measure",
+           "open_image", "rebase", "resize"]

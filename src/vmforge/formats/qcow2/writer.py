@@ -18,7 +18,7 @@ import numpy as np
 
 from ...engine.codec import compressor as make_compressor
 from ...errors import OutputError, ReadOnlyImage, UnsupportedFeature
-from ...util.fileio import pwrite_all, write_zeros
+from ...util.fileio import punch_hole, pwrite_all, write_zeros
 from ..base import BackingRef, ImageWriter, OpenOptions
 from . import structs as S
 
@@ -457,6 +457,67 @@ class Qcow2Writer(ImageWriter):
             raise OutputError(f"{self.path}: header and backing name do not fit one cluster",
                               hint="use a larger cluster_size or a shorter backing path")
         pwrite_all(self.fd, blob, 0)
+
+    # -- changes to an existing image (resize, rebase) -----------------------------------------
+
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the guest disk; L1 is rewritten at finish in its new size.
+
+        Shrinking frees every cluster wholly past the new end, as qemu's truncate does.
+        Growing zeroes what an earlier shrink left in the last cluster, so the new
+        space reads as zeros.
+        """
+        check_new = -(-new_size // self.l2_span)
+        if new_size < self.virtual_size:
+            self._discard_from(-(-new_size // self.cs))
+        elif new_size > self.virtual_size and self.virtual_size % self.cs:
+            end = min(new_size, self.virtual_size - self.virtual_size % self.cs + self.cs)
+            self._zero_partial(self.virtual_size, end - self.virtual_size)
+        l1 = np.zeros(check_new, dtype=np.uint64)
+        keep = min(check_new, self.l1_size)
+        l1[:keep] = self.l1[:keep]
+        self.l1, self.l1_size, self.virtual_size = l1, check_new, new_size
+
+    def _discard_from(self, first: int) -> None:
+        """Unmap guest clusters from ``first`` on; L2 tables left empty are freed."""
+        w = self.entry_words
+        for index in range(first // self.l2_entries, self.l1_size):
+            if index not in self.tables and not int(self.l1[index]) & S.L1E_OFFSET_MASK:
+                continue
+            table = self._table(index)
+            slot = max(0, first - index * self.l2_entries)
+            for entry in table.entries[slot * w::w].tolist():
+                if entry & S.OFLAG_COMPRESSED:
+                    self._unref_compressed(entry)
+                elif entry & S.L2E_OFFSET_MASK:
+                    self.refcounts[(entry & S.L2E_OFFSET_MASK) // self.cs] -= np.uint32(1)
+            table.entries[slot * w:] = 0
+            if slot == 0:  # the whole table goes
+                if table.host is not None:
+                    self.refcounts[table.host // self.cs] -= np.uint32(1)
+                del self.tables[index]
+                self.l1[index] = 0
+
+    def make_empty(self) -> None:
+        """Unmap every guest cluster; freed clusters become holes in the file."""
+        before = self.refcounts.copy()
+        self._discard_from(0)
+        freed = np.flatnonzero((before > 0) & (self.refcounts[:len(before)] == 0))
+        if not len(freed):
+            return
+        # one hole per run of consecutive clusters
+        breaks = np.flatnonzero(np.diff(freed) != 1) + 1
+        for run in np.split(freed, breaks):
+            punch_hole(self.fd, int(run[0]) * self.cs, len(run) * self.cs)
+
+    def set_backing(self, backing: BackingRef | None) -> None:
+        """Store another backing reference; the header is rewritten at finish."""
+        self.backing = backing
+        if self.extensions is not None:
+            rest = [e for e in self.extensions if e.type != S.EXT_BACKING_FORMAT]
+            if backing is not None and backing.format:
+                rest.insert(0, S.HeaderExtension(S.EXT_BACKING_FORMAT, backing.format.encode()))
+            self.extensions = rest
 
     def abort(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,57 @@
+"""``commit``: write an overlay's changes down into its backing file (or a deeper base).
+
+As qemu-img does: without ``base`` the changes go into the direct backing file and the
+overlay is emptied afterwards (unless ``keep``); with ``base`` they go into that image
+of the chain and every image above it is left as it was. A base smaller than the
+overlay grows to the overlay's size first.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..engine.copy import ChainSource, CopyStats, Progress, copy
+from ..errors import UnsupportedFeature, UsageError
+from ..formats import get_format
+from ..formats.base import ImageReader
+from .edit import edit_image, require_writable
+from .image import open_image
+
+
+def commit(path: str, fmt: str | None = None, *, base: str | None = None, keep: bool = False,
+           progress: Progress | None = None) -> CopyStats:
+    """Commit ``path`` into ``base`` (default: its backing file); returns what was copied.
+
+    Refuses, before writing anything, an image without a backing file, a ``base`` that
+    is not in the chain, a read-only base and formats that cannot be written in place.
+    """
+    with open_image(path, fmt) as img:
+        layers = img.chain.layers
+        if len(layers) < 2:
+            raise UsageError(f"{path} has no backing file to commit into")
+        index = 1 if base is None else _layer_index(layers, base, path)
+        target = layers[index]
+        if not get_format(target.format_name).capabilities.write:
+            raise UnsupportedFeature(f"writing {target.format_name} images", path=target.path)
+        require_writable(target.path)
+        empty_top = base is None and not keep
+        if empty_top:
+            require_writable(img.path)
+        source = ChainSource(img.chain, max_depth=index - 1)
+        with edit_image(target.path, target.format_name) as writer:
+            if writer.virtual_size < img.virtual_size:
+                writer.resize(img.virtual_size)
+            stats = copy(source, writer, explicit_zeroes=True, progress=progress)
+    if empty_top:
+        with edit_image(img.path, img.format) as top_writer:
+            top_writer.make_empty()
+    return stats
+
+
+def _layer_index(layers: list[ImageReader], base: str, path: str) -> int:
+    want = os.path.realpath(base)
+    for i, layer in enumerate(layers[1:], start=1):
+        if os.path.realpath(layer.path) == want:
+            return i
+    raise UsageError(f"'{base}' is not in the backing chain of {path}",
+                     hint=f"see 'vmforge info --backing-chain {path}'")
