@@ -9,6 +9,7 @@ QEMU's qcow2-refcount.c classifies them. Nothing is ever written.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,8 +70,29 @@ class _Refs:
         np.add.at(self.counts, clusters.astype(np.int64), np.uint64(1))
 
 
+@dataclass
+class Analysis:
+    """A check's verdict plus what repair needs: stored and expected refcount per cluster."""
+
+    result: CheckResult
+    stored: np.ndarray[Any, Any]
+    expected: np.ndarray[Any, Any]
+    refcount_errors: int = 0  # clusters whose refcount is below the references
+    copied_errors: int = 0  # QCOW_OFLAG_COPIED mismatches in the active tables
+
+    @property
+    def other_corruptions(self) -> int:
+        """Corruptions that are neither refcount nor COPIED-flag errors (not repairable here)."""
+        return self.result.corruptions - self.refcount_errors - self.copied_errors
+
+
 def check_qcow2(reader: Qcow2Reader) -> CheckResult:
     """Check ``reader``'s image (opened on its active state) and return the verdict."""
+    return analyse_qcow2(reader).result
+
+
+def analyse_qcow2(reader: Qcow2Reader) -> Analysis:
+    """check_qcow2 with the refcount arrays kept (for repair and in-place updates)."""
     h = reader.header
     cs = reader.geo.cluster_size
     file_size = reader.host.size
@@ -93,7 +115,8 @@ def check_qcow2(reader: Qcow2Reader) -> CheckResult:
     except VmforgeError as err:
         res.check_errors += 1
         res.messages.append(f"ERROR {err}")
-        return res
+        empty = np.zeros(0, dtype=np.uint64)
+        return Analysis(res, empty, empty)
     # like QEMU: clusters past the end of the file are compared only when referenced
     n = max(nb_clusters, refs.highest + 1)
     expected = np.zeros(n, dtype=np.uint64)
@@ -101,6 +124,7 @@ def check_qcow2(reader: Qcow2Reader) -> CheckResult:
     have = np.zeros(n, dtype=np.uint64)
     have[: min(n, len(stored))] = stored[:n]
     diff = np.flatnonzero(have != expected)
+    refcount_errors = int(np.count_nonzero(have < expected))
     for i in diff.tolist():
         stored_c, exp_c = int(have[i]), int(expected[i])
         if stored_c < exp_c:
@@ -111,8 +135,8 @@ def check_qcow2(reader: Qcow2Reader) -> CheckResult:
             res.messages.append(f"Leaked cluster {i} refcount={stored_c} reference={exp_c}")
     used = np.flatnonzero((have > 0) | (expected > 0))
     res.image_end_offset = (int(used[-1]) + 1) * cs if len(used) else 0
-    _check_copied(reader, have, res, has_data_file)
-    return res
+    copied_errors = _check_copied(reader, have, res, has_data_file)
+    return Analysis(res, have, expected, refcount_errors, copied_errors)
 
 
 def _snapshot_table_size(reader: Qcow2Reader) -> int:
@@ -259,7 +283,7 @@ def _refcount_from_blocks(reader: Qcow2Reader, cluster: int) -> int:
 
 
 def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckResult,
-                  has_data_file: bool) -> None:
+                  has_data_file: bool) -> int:
     """QCOW_OFLAG_COPIED must be set exactly where the stored refcount is 1."""
     cs = reader.geo.cluster_size
     w = 2 if reader.geo.extended_l2 else 1
@@ -268,6 +292,7 @@ def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckR
         c = offset // cs
         return int(stored[c]) if c < len(stored) else _refcount_from_blocks(reader, c)
 
+    before = res.corruptions
     l1 = reader.read_l1(reader.header.l1_table_offset, reader.header.l1_size)
     for index, l1e in enumerate(l1.tolist()):
         l2_off = l1e & S.L1E_OFFSET_MASK
@@ -297,3 +322,4 @@ def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckR
             res.corruptions += 1
             res.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
                                 f"refcount={rc_v}")
+    return res.corruptions - before

@@ -85,6 +85,7 @@ class Qcow2Writer(ImageWriter):
         self._codec = codec
         self.extensions = None
         self.keep_features = (0, 0, 0)
+        self.snapshot_table = (0, 0)  # (nb_snapshots, snapshots_offset) kept when reopening
 
     @classmethod
     def open_existing(cls, path: str) -> Qcow2Writer:
@@ -92,9 +93,10 @@ class Qcow2Writer(ImageWriter):
 
         Data and L2 tables are updated in place; L1 and the refcount structures are
         written anew at the end and the old ones freed. Images this cannot update
-        safely are refused: corrupt or dirty ones, external data files, internal
-        snapshots and persistent bitmaps (their shared clusters would need
-        copy-on-write, which arrives with the snapshot commands).
+        safely are refused: corrupt or dirty ones, external data files and persistent
+        bitmaps. Internal snapshots are kept: clusters and L2 tables they share with
+        the active state (refcount > 1) are copied before they are changed, the
+        snapshot table is left as it is.
         """
         from .reader import Qcow2Reader
 
@@ -110,9 +112,6 @@ class Qcow2Writer(ImageWriter):
             for bit, what in ((S.INCOMPAT_DATA_FILE, "external data file"),):
                 if h.incompatible_features & bit:
                     raise UnsupportedFeature(f"writing into an image with an {what}", path=path)
-            if h.nb_snapshots:
-                raise UnsupportedFeature("writing into an image with internal snapshots", path=path,
-                                         hint="convert into a new file instead of using -n")
             if h.autoclear_features & S.AUTOCLEAR_BITMAPS:
                 raise UnsupportedFeature("writing into an image with persistent bitmaps", path=path)
             opts = Qcow2Options(
@@ -141,6 +140,7 @@ class Qcow2Writer(ImageWriter):
                 if entry & S.REFT_OFFSET_MASK:
                     self._unref_range(entry & S.REFT_OFFSET_MASK, cs)
             self.extensions = list(reader.extensions)
+            self.snapshot_table = (h.nb_snapshots, h.snapshots_offset)
             self.keep_features = (h.incompatible_features & ~S.INCOMPAT_DIRTY,
                                   h.compatible_features, h.autoclear_features)
             return self
@@ -181,12 +181,42 @@ class Qcow2Writer(ImageWriter):
             if host:  # flushed earlier and written to again: bring it back
                 raw = os.pread(self.fd, self.cs, host)
                 entries = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-                table = _L2(entries, host)
+                if self._shared(host):
+                    # a snapshot uses this table too: change a copy of it (written to a
+                    # new cluster at flush); the data clusters keep their counts, since
+                    # each L1 table reaching them still counts once
+                    self.refcounts[host // self.cs] -= np.uint32(1)
+                    self.l1[index] = 0
+                    table = _L2(entries.copy(), None)
+                else:
+                    table = _L2(entries, host)
             else:
                 table = _L2(np.zeros(self.l2_entries * self.entry_words, dtype=np.uint64), None)
             self.tables[index] = table
         table.dirty = True
         return table
+
+    def _shared(self, host: int) -> bool:
+        """Whether host cluster ``host`` is also used by a snapshot (refcount above 1)."""
+        c = host // self.cs
+        return c < len(self.refcounts) and int(self.refcounts[c]) > 1
+
+    def _own(self, guest_cluster: int, entry: int) -> int:
+        """Host offset of guest cluster's data, copied first if a snapshot shares it."""
+        host = entry & S.L2E_OFFSET_MASK
+        if not self._shared(host):
+            return host
+        new = self._alloc(1)
+        pwrite_all(self.fd, os.pread(self.fd, self.cs, host), new)
+        self.refcounts[host // self.cs] -= np.uint32(1)
+        if self.entry_words == 2:  # keep the subcluster bitmap as it is
+            w = self.entry_words
+            index, slot = divmod(guest_cluster, self.l2_entries)
+            self._table(index).entries[slot * w] = np.uint64(new | S.OFLAG_COPIED
+                                                             | (entry & S.OFLAG_ZERO))
+        else:
+            self._set_range(guest_cluster, 1, new | S.OFLAG_COPIED | (entry & S.OFLAG_ZERO))
+        return new
 
     def _write_table(self, index: int, table: _L2) -> None:
         if table.host is None:
@@ -252,6 +282,9 @@ class Qcow2Writer(ImageWriter):
             entry = int(existing[i])
             if entry & S.L2E_OFFSET_MASK and not entry & S.OFLAG_COMPRESSED:
                 host = entry & S.L2E_OFFSET_MASK
+                if self._shared(host):  # a snapshot keeps the old cluster
+                    self.refcounts[host // cs] -= np.uint32(1)
+                    host = self._alloc(1)
             else:
                 if entry & S.OFLAG_COMPRESSED:
                     self._unref_compressed(entry)
@@ -293,6 +326,9 @@ class Qcow2Writer(ImageWriter):
                 entry = int(existing[i])
                 if entry & S.OFLAG_COMPRESSED:
                     self._unref_compressed(entry)
+                elif entry & S.L2E_OFFSET_MASK and self._shared(entry & S.L2E_OFFSET_MASK):
+                    # a snapshot keeps the cluster: this state just reads zeros
+                    self.refcounts[(entry & S.L2E_OFFSET_MASK) // cs] -= np.uint32(1)
                 elif entry & S.L2E_OFFSET_MASK:  # keep the cluster, read it as zeros
                     host = entry & S.L2E_OFFSET_MASK
                     if self.entry_words == 2:
@@ -308,6 +344,7 @@ class Qcow2Writer(ImageWriter):
         entry = int(self._get_range(offset // self.cs, 1)[0])
         host = entry & S.L2E_OFFSET_MASK
         if host and not entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO):
+            host = self._own(offset // self.cs, entry)
             write_zeros(self.fd, host + offset % self.cs, length)  # keep the rest of it
         elif not entry & S.OFLAG_ZERO:
             self.write_zeroes(offset - offset % self.cs, self.cs)
@@ -444,7 +481,8 @@ class Qcow2Writer(ImageWriter):
             version=o.version, backing_file_offset=bfo, backing_file_size=len(name),
             cluster_bits=o.cluster_bits, size=self.virtual_size, crypt_method=0,
             l1_size=self.l1_size, l1_table_offset=l1_offset, refcount_table_offset=rt_offset,
-            refcount_table_clusters=rt_clusters, nb_snapshots=0, snapshots_offset=0,
+            refcount_table_clusters=rt_clusters, nb_snapshots=self.snapshot_table[0],
+            snapshots_offset=self.snapshot_table[1],
             incompatible_features=incompat | self.keep_features[0],
             compatible_features=(S.COMPAT_LAZY_REFCOUNTS if o.lazy_refcounts else 0)
             | self.keep_features[1],
