@@ -91,3 +91,36 @@ def test_in_process_runner_matches_real_process(tmp_path, cmd):
     inproc = run_vmforge_inprocess(*args)
     assert (inproc.returncode, inproc.stdout, inproc.stderr) == \
         (real.returncode, real.stdout, real.stderr)
+
+
+#: commands that read no image: nothing to distrust
+NO_INPUT_IMAGE = {"formats", "create"}
+
+
+def test_every_command_that_reads_an_image_accepts_untrusted():
+    """SECURITY.md: every command takes --untrusted (no file but the named one is opened)."""
+    import argparse
+
+    from vmforge.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, cmd in sub.choices.items():
+        options = {o for a in cmd._actions for o in a.option_strings}
+        if name not in NO_INPUT_IMAGE and "--untrusted" not in options:
+            missing.append(name)
+    assert not missing, f"commands without --untrusted: {missing}"
+
+
+def test_untrusted_refuses_overlays_in_every_image_command(tmp_path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    vmforge_ok("create", "-q", "-f", "qcow2", base, "1M")
+    vmforge_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    for args in (["info"], ["map"], ["check"], ["convert", "-O", "raw"], ["resize"],
+                 ["commit"], ["clone", "--full"], ["overlay"]):
+        extra = {"convert": [tmp_path / "o.raw"], "resize": ["2M"],
+                 "clone": [tmp_path / "c.qcow2"], "overlay": [tmp_path / "v.qcow2"]}
+        proc = run_vmforge(*args, "--untrusted", top, *extra.get(args[0], []))
+        assert_clean_error(proc, contains="refused in untrusted mode")
+    assert not (tmp_path / "o.raw").exists() and not (tmp_path / "c.qcow2").exists()

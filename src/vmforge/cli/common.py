@@ -68,3 +68,8 @@ def add_safety(parser: argparse.ArgumentParser) -> None:
                         help="refuse any reference to another file (backing, data file)")
     parser.add_argument("--allow-data-file", action="store_true",
                         help="read a qcow2 external data file named inside the image")
+    parser.add_argument("--parent", action="append", default=[], metavar="FILE",
+                        help="a parent of a differencing VDI (matched by UUID; repeatable)")
+    parser.add_argument("--replay-log", action="store_true",
+                        help="replay a dirty VHDX log in memory instead of refusing the image "
+                             "(the file is never written)")

@@ -6,6 +6,7 @@ info, create, convert, compare, map, check, measure, formats.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -57,7 +58,9 @@ def register(sub: Sub) -> None:
              "  vmforge convert -O raw disk.qcow2 disk.raw\n"
              "  vmforge convert -c -O qcow2 -o compression_type=zstd disk.raw small.qcow2\n"
              "  vmforge convert -O qcow2 -B base.qcow2 vm.qcow2 delta.qcow2\n"
-             "  vmforge convert -l snap1 -O raw disk.qcow2 at-snap1.raw\n")
+             "  vmforge convert -l snap1 -O raw disk.qcow2 at-snap1.raw\n"
+             "  vmforge convert -O vmdk -o subformat=streamOptimized disk.qcow2 - | ssh h 'cat > d.vmdk'\n"
+             "  vmforge convert -O raw disk.qcow2 - | gzip > disk.raw.gz\n")
     p.add_argument("-f", dest="fmt", help="source format (probed when omitted)")
     p.add_argument("-O", dest="out_fmt", default="raw", help="output format (default raw)")
     p.add_argument("-o", dest="options", action="append", help="output options key=value,...")
@@ -73,7 +76,9 @@ def register(sub: Sub) -> None:
     p.add_argument("-m", dest="workers", type=int, help="parallel workers (default: CPUs)")
     p.add_argument("-q", action="store_true", help="quiet")
     add_safety(p)
-    p.add_argument("files", nargs="+", metavar="FILE", help="sources, then the destination")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="sources, then the destination ('-': standard output, raw or "
+                        "streamOptimized VMDK only)")
     p.set_defaults(func=cmd_convert)
 
     p = _cmd(sub, "compare", "compare what two images show a guest (exit 0 same, 1 differ, 2 error)",
@@ -102,6 +107,8 @@ def register(sub: Sub) -> None:
     add_output(p)
     p.add_argument("-q", action="store_true", help="quiet")
     p.add_argument("--untrusted", action="store_true", help="refuse references to other files")
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"),
+                   help="repair leaks, or all refcount errors (qcow2; see snapshots.py)")
     p.add_argument("filename")
     p.set_defaults(func=cmd_check)
 
@@ -128,8 +135,8 @@ def register(sub: Sub) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     with ops.open_image(args.filename, args.fmt, untrusted=args.untrusted,
-                        allow_data_file=args.allow_data_file,
-                        follow_backing=args.backing_chain) as img:
+                        allow_data_file=args.allow_data_file, parents=args.parent,
+                        follow_backing=args.backing_chain, replay_log=args.replay_log) as img:
         infos = img.chain_info() if args.backing_chain else [img.info()]
     if args.output == "json":
         data = [ops.info_to_qemu_json(i) for i in infos]
@@ -158,20 +165,22 @@ def render_info(info: ImageInfo) -> str:
     if info.dirty:
         lines.append("cleanly shut down: no")
     if info.snapshots:
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
-        for s in info.snapshots:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
-            secs = s.vm_clock_nsec // 1_000_000_000
-            clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
-                     f"{s.vm_clock_nsec // 1_000_000 % 1000:03d}")
-            icount = "" if s.icount is None else str(s.icount)
-            lines.append(f"{s.id:<10}{s.name:<18}{human_size(s.vm_state_size):>7}{date:>20}"
-                         f"{clock:>13}{icount:>11}")
+        from .snapshots import render_snapshots  # the same table as 'snapshot -l'
+
+        lines.append(render_snapshots(info.snapshots))
     specific = info.format_specific.get("data") if info.format_specific else None
     if specific:
         lines.append("Format specific information:")
         for key, value in specific.items():
+            if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                # a list of records (VMDK extents), laid out as qemu-img prints it
+                lines.append(f"    {key.replace('-', ' ')}:")
+                for i, record in enumerate(value):
+                    lines.append(f"        [{i}]:")
+                    for k, v in record.items():
+                        v = str(v).lower() if isinstance(v, bool) else v
+                        lines.append(f"            {k.replace('-', ' ')}: {v}")
+                continue
             shown = str(value).lower() if isinstance(value, bool) else value
             lines.append(f"    {key.replace('-', ' ')}: {shown}")
     return "\n".join(lines)
@@ -195,19 +204,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
                    "vmforge convert [-O FORMAT] SOURCE... DESTINATION", code=1)
     *sources, dest = args.files
     options = parse_o(args.options)
+    stream_fd = _stdout_for_stream() if dest == "-" else None
+    shown = "standard output" if dest == "-" else dest
     started = time.perf_counter()
-    with progress_bar(enabled=args.progress and not args.q, label=f"→ {dest}") as bar:
+    # the bar draws on stderr, so it never mixes with an image streamed to stdout
+    with progress_bar(enabled=args.progress and not args.q, label=f"→ {shown}") as bar:
         stats = ops.convert(
             sources, dest, args.out_fmt, src_fmt=args.fmt, options=options,
             compress=args.compress, backing=args.backing, backing_fmt=args.backing_fmt,
             sparse_size=args.sparse, progress=bar, workers=args.workers, snapshot=args.snapshot,
             untrusted=args.untrusted, allow_data_file=args.allow_data_file,
-            skip_create=args.skip_create)
+            skip_create=args.skip_create, stream_fd=stream_fd, parents=args.parent,
+            replay_log=args.replay_log)
     if args.progress and not args.q:
         took = time.perf_counter() - started
-        print(f"{dest}: {human_size(stats.written_bytes)} written from "
+        print(f"{shown}: {human_size(stats.written_bytes)} written from "
               f"{human_size(stats.read_bytes)} read in {took:.2f} s", file=sys.stderr)
     return 0
+
+
+def _stdout_for_stream() -> int:
+    """The descriptor behind standard output, for ``convert ... -``; refuses a terminal."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        raise CommandFailed(die("standard output is not a file, pipe or socket",
+                                "name an output file instead of '-'")) from None
+    if os.isatty(fd):
+        raise CommandFailed(die("refusing to write a disk image to a terminal",
+                                "pipe or redirect standard output (... - | ssh host 'cat > disk')"))
+    sys.stdout.flush()  # nothing printed may land inside the image
+    return fd
 
 
 # -- compare / map / check / measure -------------------------------------------------------------
@@ -216,9 +243,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     try:
         with ops.open_image(args.first, args.fmt_a, untrusted=args.untrusted,
-                            allow_data_file=args.allow_data_file) as a, \
+                            allow_data_file=args.allow_data_file,
+                            replay_log=args.replay_log) as a, \
                 ops.open_image(args.second, args.fmt_b, untrusted=args.untrusted,
-                               allow_data_file=args.allow_data_file) as b:
+                               allow_data_file=args.allow_data_file,
+                               replay_log=args.replay_log) as b:
             result = ops.compare(a, b, strict=args.strict)
     except (VmforgeError, OSError) as err:
         hint = err.hint if isinstance(err, VmforgeError) else None
@@ -232,7 +261,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     with ops.open_image(args.filename, args.fmt, untrusted=args.untrusted,
-                        allow_data_file=args.allow_data_file) as img:
+                        allow_data_file=args.allow_data_file, parents=args.parent,
+                        replay_log=args.replay_log) as img:
         entries = ops.map_entries(img)
         names = [layer.path for layer in img.chain.layers]
     if args.output == "json":
@@ -265,6 +295,10 @@ def _map_json_line(e: dict[str, Any]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.repair:
+        from .snapshots import cmd_check_repair
+
+        return cmd_check_repair(args)
     try:
         result = ops.check(args.filename, args.fmt, untrusted=args.untrusted)
     except UnsupportedFeature as err:
@@ -311,7 +345,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
         return die("give either --size or a file, not both")
     if args.filename:
         with ops.open_image(args.filename, args.fmt, untrusted=args.untrusted,
-                            allow_data_file=args.allow_data_file, snapshot=args.snapshot) as img:
+                            allow_data_file=args.allow_data_file, snapshot=args.snapshot,
+                            replay_log=args.replay_log) as img:
             result = ops.measure(args.out_fmt, image=img, options=options)
     else:
         result = ops.measure(args.out_fmt, size=args.size, options=options)
@@ -332,13 +367,15 @@ def cmd_formats(args: argparse.Namespace) -> int:
         rows.append({
             "name": fmt.name, "aliases": list(fmt.aliases), "read": caps.read, "write": caps.write,
             "backing": caps.backing, "snapshots": caps.snapshots, "compression": caps.compression,
-            "options": dict(fmt.create_options),
+            "stream": caps.stream_write, "options": dict(fmt.create_options),
         })
     if args.output == "json":
         print_json(rows)
         return 0
     for row in rows:
         can = [k for k in ("read", "write", "backing", "snapshots", "compression") if row[k]]
+        if row["stream"]:
+            can.append("stream to stdout")
         alias = f" (also: {', '.join(row['aliases'])})" if row["aliases"] else ""
         print(f"{row['name']}{alias}: {', '.join(can)}")
         for key, text in row["options"].items():

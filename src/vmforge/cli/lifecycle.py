@@ -31,6 +31,7 @@ def register(sub: Sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="with --shrink: drop data stored past the new end")
     p.add_argument("-q", action="store_true", help="quiet")
+    _untrusted(p)
     p.add_argument("filename")
     p.add_argument("size", help="new size (10G) or a change (+1G, -512M)")
     p.set_defaults(func=cmd_resize)
@@ -44,6 +45,7 @@ def register(sub: Sub) -> None:
     p.add_argument("-d", dest="keep", action="store_true", help="do not empty the image afterwards")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", action="store_true", help="quiet")
+    _untrusted(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_commit)
 
@@ -57,6 +59,7 @@ def register(sub: Sub) -> None:
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="only rewrite the reference (the data is already the same)")
     p.add_argument("-q", action="store_true", help="quiet")
+    _untrusted(p)
     p.add_argument("filename")
     p.set_defaults(func=cmd_rebase)
 
@@ -65,7 +68,7 @@ def register(sub: Sub) -> None:
              "  vmforge dd -O qcow2 if=disk.raw of=tail.qcow2 bs=1M skip=100\n")
     p.add_argument("-f", dest="fmt", help="input format (probed when omitted)")
     p.add_argument("-O", dest="out_fmt", default="raw", help="output format (default raw)")
-    p.add_argument("--untrusted", action="store_true", help="refuse references to other files")
+    _untrusted(p)
     p.add_argument("operands", nargs="+", metavar="KEY=VALUE", help="if=, of=, bs=, count=, skip=")
     p.set_defaults(func=cmd_dd)
 
@@ -88,13 +91,20 @@ def register(sub: Sub) -> None:
         p.add_argument("--absolute", action="store_true",
                        help="store BASE's absolute path (default: relative to the new image)")
         p.add_argument("-q", action="store_true", help="quiet")
+        _untrusted(p)
         p.add_argument("base")
         p.add_argument("new")
         p.set_defaults(func=cmd_clone, linked_only=linked_only)
 
 
+def _untrusted(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--untrusted", action="store_true",
+                   help="refuse images that name any other file (backing, data file, extent)")
+
+
 def cmd_resize(args: argparse.Namespace) -> int:
-    ops.resize(args.filename, args.size, args.fmt, shrink=args.shrink, force=args.force)
+    ops.resize(args.filename, args.size, args.fmt, shrink=args.shrink, force=args.force,
+               untrusted=args.untrusted)
     if not args.q:
         print("Image resized.")
     return 0
@@ -102,14 +112,16 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def cmd_commit(args: argparse.Namespace) -> int:
     with progress_bar(enabled=args.progress and not args.q, label="commit") as bar:
-        ops.commit(args.filename, args.fmt, base=args.base, keep=args.keep, progress=bar)
+        ops.commit(args.filename, args.fmt, base=args.base, keep=args.keep, progress=bar,
+                   untrusted=args.untrusted)
     if not args.q:
         print("Image committed.")
     return 0
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
-    ops.rebase(args.filename, args.backing, args.backing_fmt, args.fmt, unsafe=args.unsafe)
+    ops.rebase(args.filename, args.backing, args.backing_fmt, args.fmt, unsafe=args.unsafe,
+               untrusted=args.untrusted)
     return 0
 
 
@@ -145,13 +157,14 @@ def cmd_clone(args: argparse.Namespace) -> int:
     options = parse_o(args.options)
     if args.linked_only or args.linked:
         name = ops.linked_clone(args.base, args.new, args.out_fmt or "qcow2", base_fmt=args.fmt,
-                                options=options, absolute=args.absolute)
+                                options=options, absolute=args.absolute,
+                                untrusted=args.untrusted)
         if not args.q:
             print(f"{args.new}: overlay on {name}")
         return 0
     with progress_bar(enabled=args.progress and not args.q, label=f"→ {args.new}") as bar:
         ops.full_clone(args.base, args.new, args.out_fmt, base_fmt=args.fmt, options=options,
-                       progress=bar)
+                       progress=bar, untrusted=args.untrusted)
     if not args.q:
         print(f"{args.new}: full copy of {args.base}")
     return 0

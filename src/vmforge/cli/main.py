@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import UsageError, VmforgeError
-from . import images, lifecycle
+from . import images, lifecycle, safety, snapshots
 from .common import CommandFailed, die
 
 EPILOG = """\
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     images.register(sub)
     lifecycle.register(sub)
+    snapshots.register(sub)
+    safety.register(sub)
     return parser
 
 

@@ -124,6 +124,13 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
     return os.path.join(directory, backing_name)
 
 
+def untrusted_reference(path: str, name: str) -> BackingChainError:
+    """The refusal of an image that names a backing file, in untrusted mode."""
+    return BackingChainError(
+        f"{path}: refers to backing file '{name}' (refused in untrusted mode)", path=path,
+        hint="untrusted images must be self-contained; flatten it where it was made")
+
+
 def open_chain(
     path: str,
     fmt: str | None,
@@ -153,15 +160,18 @@ def open_chain(
                     raise BackingChainError(
                         f"{path}: backing chain loops back to {current}", path=path)
                 seen.add(ident)
+            # A differencing layer that could not locate its parent (VHD locators that all
+            # miss, a VDI parent known only by UUID) says what it tried, when asked to follow.
+            missing = getattr(layer, "missing_parent", None)
+            if missing is not None and follow_backing:
+                raise missing
             ref = layer.backing
-            if ref is None or not follow_backing:
+            if ref is None:
                 break
-            if untrusted:
-                raise BackingChainError(
-                    f"{current}: refers to backing file '{ref.filename}' (refused in untrusted mode)",
-                    path=current,
-                    hint="untrusted images must be self-contained; flatten it where it was made",
-                )
+            if untrusted:  # refused even when not following: untrusted images stand alone
+                raise untrusted_reference(current, ref.filename)
+            if not follow_backing:
+                break
             if len(layers) > max_depth:
                 raise BackingChainError(
                     f"{path}: backing chain deeper than {max_depth} layers", path=path)

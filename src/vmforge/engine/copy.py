@@ -285,7 +285,9 @@ def copy(
     ranges = list(plan(source, g, explicit_zeroes=explicit_zeroes, sparse=sparse))
     total = sum(e - s for s, e, k in ranges if k != SKIP)
     stats.planned_bytes = total
-    compress_unit = writer.compressor() if compress else None
+    # a writer that stores nothing uncompressed (streamOptimized VMDK) compresses always
+    always = bool(getattr(writer, "compress_always", False))
+    compress_unit = writer.compressor() if compress or always else None
     size = source.virtual_size
 
     local = _ThreadReaders(source)
@@ -311,7 +313,7 @@ def copy(
                     rel = u - offset
                     unit = memoryview(buf)[rel:rel + g]  # padded with zeros past the disk end
                     packed = compress_unit(unit)
-                    out.append((u, packed if len(packed) < g else None))
+                    out.append((u, packed if always or len(packed) < g else None))
             chunk.compressed = out
         return chunk
 

@@ -17,9 +17,12 @@ from .raw import RawFormat
 from .registry import detect_format, get_format, list_formats, open_layer
 from .vdi import VdiFormat
 from .vhd import VpcFormat
+from .vhdx import VhdxFormat
+from .vmdk import VmdkFormat
 
 __all__ = [
     "BackingRef", "Capabilities", "Format", "HostFile", "ImageReader", "ImageWriter",
-    "OpenOptions", "ParallelsFormat", "Qcow2Format", "RawFormat", "VdiFormat", "VpcFormat",
+    "OpenOptions", "ParallelsFormat", "Qcow2Format", "RawFormat", "VdiFormat", "VhdxFormat",
+    "VmdkFormat", "VpcFormat",
     "detect_format", "get_format", "list_formats", "open_layer",
 ]

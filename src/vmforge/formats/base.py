@@ -13,12 +13,13 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from ..errors import ImageNotFound, TruncatedImage, UnsupportedFeature
 from ..model import Extent
 from ..model.check import CheckResult
 from ..model.info import BackingRef, ImageInfo
+from ..model.inspection import FormatFacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +39,26 @@ class OpenOptions:
     untrusted: bool = False
     allow_data_file: bool = False
     snapshot: str | None = None
+    #: replay a VHDX metadata log in memory instead of refusing the image (file untouched)
+    replay_log: bool = False
+    #: files the user named as parents of differencing images that identify their parent
+    #: only by UUID (VDI); each is matched by UUID, never searched for
+    parents: tuple[str, ...] = ()
 
 
-__all__ = ["BackingRef", "Capabilities", "Format", "HostFile", "ImageReader", "ImageWriter",
+__all__ = ["BackingRef", "ByteSource", "Capabilities", "Format", "HostFile", "ImageReader", "ImageWriter",
            "OpenOptions", "file_data_runs"]
+
+
+class ByteSource(Protocol):
+    """Positioned reads of one file: HostFile, or a capture of a stream (safety.stream)."""
+
+    path: str
+    size: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pread_upto(self, offset: int, length: int) -> bytes: ...
 
 
 class HostFile:
@@ -186,6 +203,9 @@ class ImageWriter(abc.ABC):
     granularity: int = 4096
     #: True when the writer wants every range in order (streamed formats)
     sequential: bool = False
+    #: True when every unit must be stored compressed, even one that does not shrink
+    #: (streamOptimized VMDK has no uncompressed grains); the engine then always compresses
+    compress_always: bool = False
 
     @abc.abstractmethod
     def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -256,6 +276,15 @@ class Format(abc.ABC):
         """Score 0..100 for how surely ``head`` (the first bytes of the file) is this format."""
 
     @classmethod
+    def inspect(cls, src: ByteSource) -> FormatFacts:
+        """Read and validate only the headers (never guest data, never another file).
+
+        ``src`` may be a capture of a stream that raises NeedBytes for ranges not seen
+        (see vmforge.safety); implementations just read what they need, front to back.
+        """
+        raise UnsupportedFeature(f"inspecting {cls.name} images")
+
+    @classmethod
     def probe_tail(cls, tail: bytes, file_size: int) -> int:
         """Score from the last 512 bytes, for formats recognised by a footer (fixed VHD)."""
         return 0
@@ -276,6 +305,17 @@ class Format(abc.ABC):
     ) -> ImageWriter:
         """Start a new image file at ``path``."""
         raise UnsupportedFeature(f"writing {cls.name} images")
+
+    @classmethod
+    def create_stream(cls, fd: int, size: int, options: Mapping[str, str]) -> ImageWriter:
+        """Start a new image written strictly in order to ``fd`` (a pipe, socket or file).
+
+        Only formats with ``capabilities.stream_write`` override this; the writer never
+        seeks and leaves ``fd`` open.
+        """
+        raise UnsupportedFeature(
+            f"writing {cls.name} images to standard output", detail="the format needs seeks",
+            hint="give an output file name, or use -O raw or -O vmdk -o subformat=streamOptimized")
 
     @classmethod
     def open_for_write(cls, path: str) -> ImageWriter:

@@ -13,9 +13,12 @@ from collections.abc import Iterator, Mapping
 from ..errors import OptionError, OutputError, UnsupportedFeature
 from ..model import Extent, ExtentKind, align_up
 from ..model.info import ImageInfo
+from ..model.inspection import FormatFacts
 from ..util.fileio import pwrite_all, write_zeros, zero_range
+from ..util.sink import AppendSink
 from .base import (
     BackingRef,
+    ByteSource,
     Capabilities,
     Format,
     HostFile,
@@ -116,10 +119,38 @@ class RawWriter(ImageWriter):
             self.fd = -1
 
 
+class RawStreamWriter(ImageWriter):
+    """The disk's bytes, in order, to a pipe, socket or file: holes become zero bytes."""
+
+    granularity = 512
+    sequential = True
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.path = "-"
+        self.virtual_size = size
+        self.sink = AppendSink(fd)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        if offset < self.sink.position:
+            raise OutputError(f"internal error: raw stream written out of order at {offset}")
+        self.sink.write_zeros(offset - self.sink.position)
+        self.sink.write(data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        pass  # every byte not written is a zero byte already
+
+    def finish(self) -> None:
+        self.sink.write_zeros(self.virtual_size - self.sink.position)
+        self.sink.close()
+
+    def abort(self) -> None:
+        self.sink.discard()  # the consumer sees a short stream
+
+
 class RawFormat(Format):
     name = "raw"
     aliases = ("img", "bin", "iso")
-    capabilities = Capabilities(read=True, write=True)
+    capabilities = Capabilities(read=True, write=True, stream_write=True)
     create_options = {"preallocation": "off | falloc | full"}
 
     @classmethod
@@ -131,6 +162,11 @@ class RawFormat(Format):
         return RawReader(path)
 
     @classmethod
+    def inspect(cls, src: ByteSource) -> FormatFacts:
+        # qemu reports raw disks rounded up to whole sectors
+        return FormatFacts("raw", align_up(src.size, 512))
+
+    @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str],
                backing: BackingRef | None = None, backing_size: int | None = None) -> ImageWriter:
         check_create_options("raw", options, cls.create_options, backing)
@@ -139,6 +175,14 @@ class RawFormat(Format):
             raise OptionError(f"invalid preallocation '{prealloc}' for raw", option="preallocation",
                               hint="choose one of: " + ", ".join(PREALLOC_MODES))
         return RawWriter(path, size, prealloc)
+
+    @classmethod
+    def create_stream(cls, fd: int, size: int, options: Mapping[str, str]) -> ImageWriter:
+        check_create_options("raw", options, cls.create_options)
+        if options.get("preallocation", "off") != "off":
+            raise OptionError("preallocation does not apply to a raw stream",
+                              option="preallocation", hint="drop -o preallocation")
+        return RawStreamWriter(fd, size)
 
     @classmethod
     def open_for_write(cls, path: str) -> ImageWriter:

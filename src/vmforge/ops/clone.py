@@ -19,7 +19,8 @@ from .image import open_image
 
 
 def linked_clone(base: str, dest: str, fmt: str = "qcow2", *, base_fmt: str | None = None,
-                 options: Mapping[str, str] | None = None, absolute: bool = False) -> str:
+                 options: Mapping[str, str] | None = None, absolute: bool = False,
+                 untrusted: bool = False) -> str:
     """Create ``dest``, an overlay on ``base``; returns the backing name stored in it.
 
     The name is relative to ``dest``'s directory unless ``absolute``, so a directory
@@ -32,7 +33,7 @@ def linked_clone(base: str, dest: str, fmt: str = "qcow2", *, base_fmt: str | No
                          hint="choose a format with overlays: qcow2, vpc, vhdx or vmdk")
     if os.path.exists(dest):
         raise UsageError(f"{dest} already exists", hint="choose a new name or remove it first")
-    with open_image(base, base_fmt, follow_backing=True) as img:
+    with open_image(base, base_fmt, untrusted=untrusted) as img:
         recorded_fmt = img.format
     target = os.path.abspath(base)
     name = target if absolute else os.path.relpath(target, os.path.dirname(os.path.abspath(dest)))
@@ -42,11 +43,12 @@ def linked_clone(base: str, dest: str, fmt: str = "qcow2", *, base_fmt: str | No
 
 def full_clone(base: str, dest: str, fmt: str | None = None, *, base_fmt: str | None = None,
                options: Mapping[str, str] | None = None,
-               progress: Progress | None = None) -> CopyStats:
+               progress: Progress | None = None, untrusted: bool = False) -> CopyStats:
     """A flat copy of ``base`` (its whole chain) in ``fmt`` (default: the base's format)."""
     if os.path.exists(dest):
         raise UsageError(f"{dest} already exists", hint="choose a new name or remove it first")
     if fmt is None:
-        with open_image(base, base_fmt) as img:
+        with open_image(base, base_fmt, untrusted=untrusted) as img:
             fmt = img.format
-    return convert(base, dest, fmt, src_fmt=base_fmt, options=options, progress=progress)
+    return convert(base, dest, fmt, src_fmt=base_fmt, options=options, progress=progress,
+                   untrusted=untrusted)

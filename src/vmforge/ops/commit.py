@@ -19,13 +19,13 @@ from .image import open_image
 
 
 def commit(path: str, fmt: str | None = None, *, base: str | None = None, keep: bool = False,
-           progress: Progress | None = None) -> CopyStats:
+           progress: Progress | None = None, untrusted: bool = False) -> CopyStats:
     """Commit ``path`` into ``base`` (default: its backing file); returns what was copied.
 
     Refuses, before writing anything, an image without a backing file, a ``base`` that
     is not in the chain, a read-only base and formats that cannot be written in place.
     """
-    with open_image(path, fmt) as img:
+    with open_image(path, fmt, untrusted=untrusted) as img:
         layers = img.chain.layers
         if len(layers) < 2:
             raise UsageError(f"{path} has no backing file to commit into")

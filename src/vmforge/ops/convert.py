@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from ..engine.copy import ChainSource, ConcatSource, CopyStats, Progress, Source, copy
 from ..errors import OutputError, UnsupportedFeature, UsageError
-from ..formats import ImageWriter, get_format
+from ..formats import Format, ImageWriter, get_format
 from ..model import align_up
 from .create import backing_ref
 from .image import Image, open_image
@@ -32,6 +32,9 @@ def convert(
     untrusted: bool = False,
     allow_data_file: bool = False,
     skip_create: bool = False,
+    stream_fd: int | None = None,
+    parents: Sequence[str] = (),
+    replay_log: bool = False,
 ) -> CopyStats:
     """Convert ``sources`` into ``dest`` in format ``out_fmt`` and return what was copied.
 
@@ -40,17 +43,22 @@ def convert(
     (fully allocated output). The output appears under ``dest`` only when complete,
     except with ``skip_create`` (qemu-img's -n), which writes into an existing image
     of at least the source's size, zeros included.
+
+    ``dest`` "-" writes the image as a stream to ``stream_fd`` (standard output: a
+    pipe, socket or file), in order and without seeking; only formats that can be
+    streamed (raw, streamOptimized VMDK) accept it. A failure leaves the stream short.
     """
     paths = [sources] if isinstance(sources, str) else list(sources)
     if not paths:
         raise UsageError("convert needs at least one source")
-    if dest == "-":
-        raise UsageError("writing to standard output is not supported for this format",
-                         hint="give an output file name")
     opts = dict(options or {})
     format_cls = get_format(out_fmt)
     if not format_cls.capabilities.write:
         raise UnsupportedFeature(f"writing {format_cls.name}")
+    streaming = dest == "-"
+    if streaming:
+        _check_streamable(format_cls, opts, stream_fd, skip_create=skip_create,
+                          backing=backing or opts.get("backing_file"))
     if compress and not format_cls.capabilities.compression:
         raise UsageError(f"{format_cls.name} cannot store compressed data",
                          hint="drop -c or choose -O qcow2")
@@ -62,7 +70,7 @@ def convert(
     with contextlib.ExitStack() as stack:
         for p in paths:
             img = open_image(p, src_fmt, untrusted=untrusted, allow_data_file=allow_data_file,
-                             snapshot=snapshot)
+                             snapshot=snapshot, parents=parents, replay_log=replay_log)
             stack.callback(img.close)
             images.append(img)
         ref, _ = backing_ref(backing, backing_fmt, dest, opts)
@@ -70,9 +78,15 @@ def convert(
         parts = [ChainSource(img.chain, max_depth) for img in images]
         source: Source = parts[0] if len(parts) == 1 else ConcatSource(parts)
         for img in images:
-            if os.path.exists(dest) and os.path.samefile(img.path, dest):
+            if not streaming and os.path.exists(dest) and os.path.samefile(img.path, dest):
                 raise UsageError(f"{dest} is both a source and the destination")
-        if skip_create:
+        if streaming:
+            assert stream_fd is not None
+            writer = format_cls.create_stream(stream_fd, align_up(source.virtual_size, 512), opts)
+            stats = _run(source, writer, "standard output", explicit_zeroes=False,
+                         sparse_size=sparse_size, compress=compress, workers=workers,
+                         progress=progress)
+        elif skip_create:
             if ref is not None:
                 raise UsageError("-n and -B cannot be combined", hint="create the overlay first")
             writer = format_cls.open_for_write(dest)
@@ -90,6 +104,25 @@ def convert(
                              sparse_size=sparse_size, compress=compress, workers=workers,
                              progress=progress)
     return stats
+
+
+def _check_streamable(format_cls: type[Format], opts: Mapping[str, str], stream_fd: int | None, *,
+                      skip_create: bool, backing: str | None) -> None:
+    """Refuse a stream the format or the other options cannot make, before opening anything."""
+    if stream_fd is None:
+        raise UsageError("'-' (standard output) needs an output descriptor",
+                         hint="give an output file name")
+    if skip_create:
+        raise UsageError("-n cannot write into standard output", hint="drop -n or name a file")
+    if backing:
+        raise UsageError("an output written to standard output cannot have a backing file",
+                         hint="drop -B or name an output file")
+    if not format_cls.capabilities.stream_write:
+        raise UnsupportedFeature(
+            f"writing {format_cls.name} images to standard output",
+            detail="the format needs to seek back into the file",
+            hint="give an output file name, or use -O raw or -O vmdk -o subformat=streamOptimized")
+
 
 def _run(source: Source, writer: ImageWriter, dest: str, *, explicit_zeroes: bool,
          sparse_size: int, compress: bool, workers: int | None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ..engine.chain import MAX_CHAIN_DEPTH, Chain, open_chain
 from ..engine.stream import ExtentStream
@@ -76,15 +76,19 @@ def open_image(
     snapshot: str | None = None,
     follow_backing: bool = True,
     max_depth: int = MAX_CHAIN_DEPTH,
+    parents: Sequence[str] = (),
+    replay_log: bool = False,
 ) -> Image:
     """Open a disk image and its backing chain.
 
     ``fmt`` skips probing (an explicit format always wins). ``untrusted`` refuses any
-    reference to another file. Raises ImageError subclasses or BackingChainError.
+    reference to another file. ``parents`` names the parents of differencing images that
+    store only their parent's UUID (VDI). Raises ImageError subclasses or BackingChainError.
     """
-    options = OpenOptions(untrusted=untrusted, allow_data_file=allow_data_file and not untrusted)
+    options = OpenOptions(untrusted=untrusted, allow_data_file=allow_data_file and not untrusted,
+                          parents=tuple(parents), replay_log=replay_log)
     top_options = OpenOptions(untrusted=options.untrusted, allow_data_file=options.allow_data_file,
-                              snapshot=snapshot)
+                              snapshot=snapshot, parents=options.parents, replay_log=replay_log)
     first = [True]
 
     def opener(p: str, f: str | None) -> ImageReader:

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 
 from ..errors import OutputError
+from ..util.companions import tracking
 
 
 @contextlib.contextmanager
@@ -30,7 +31,15 @@ def atomic_output(dest: str) -> Iterator[str]:
     # one) makes ext4 flush it to disk on close (auto_da_alloc), 0.8 s per 1.4 GiB here.
     os.unlink(tmp)
     try:
-        yield tmp
+        # a multi-file format (VMDK extents) learns the final name and registers its
+        # companion files through util.companions; they are renamed before the main file
+        with tracking(dest, tmp) as pending:
+            try:
+                yield tmp
+                pending.commit()
+            except BaseException:
+                pending.discard()
+                raise
         # Unlink first: ext4 flushes a file renamed over another one (auto_da_alloc),
         # which would make every convert wait for the disk. The old destination is
         # only removed once the new file is complete.

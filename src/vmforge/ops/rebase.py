@@ -24,7 +24,7 @@ _STEP = 1 << 20
 
 
 def rebase(path: str, backing: str, backing_fmt: str | None = None, fmt: str | None = None, *,
-           unsafe: bool = False) -> int:
+           unsafe: bool = False, untrusted: bool = False) -> int:
     """Point ``path`` at ``backing`` ("" for none); returns the bytes copied into it.
 
     Raises UsageError for a missing -F, a new backing file of another size (safe mode:
@@ -41,7 +41,7 @@ def rebase(path: str, backing: str, backing_fmt: str | None = None, fmt: str | N
         ref = BackingRef(backing, get_format(backing_fmt).name)
     elif backing_fmt:
         raise UsageError("a backing format was given without a backing file")
-    with open_image(path, fmt, follow_backing=not unsafe) as img:
+    with open_image(path, fmt, follow_backing=not unsafe, untrusted=untrusted) as img:
         fmt = img.format
         if not get_format(fmt).capabilities.backing:
             raise UsageError(f"{fmt} images have no backing file to change")

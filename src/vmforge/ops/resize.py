@@ -23,7 +23,7 @@ def parse_new_size(spec: str | int, current: int) -> int:
 
 
 def resize(path: str, size: str | int, fmt: str | None = None, *, shrink: bool = False,
-           force: bool = False) -> int:
+           force: bool = False, untrusted: bool = False) -> int:
     """Change the virtual size of ``path``; returns the new size.
 
     Shrinking needs ``shrink`` (as qemu-img's --shrink) and is refused when the image
@@ -32,7 +32,7 @@ def resize(path: str, size: str | int, fmt: str | None = None, *, shrink: bool =
     resized, ReadOnlyImage for read-only files; nothing is written when it refuses.
     """
     require_writable(path)
-    with open_image(path, fmt, follow_backing=False) as img:
+    with open_image(path, fmt, follow_backing=False, untrusted=untrusted) as img:
         current, fmt = img.virtual_size, img.format
         new = parse_new_size(size, current)
         if new <= 0:

@@ -6,9 +6,10 @@ each expanding ``.hds`` file is one of these images and is opened on its own.
 
 from __future__ import annotations
 
-from ..base import Capabilities, Format, ImageReader, OpenOptions
+from ...model.inspection import FormatFacts
+from ..base import ByteSource, Capabilities, Format, ImageReader, OpenOptions
 from . import structs as S
-from .reader import ParallelsReader
+from .reader import ParallelsReader, read_header
 
 
 class ParallelsFormat(Format):
@@ -23,6 +24,13 @@ class ParallelsFormat(Format):
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
         return ParallelsReader(path, options)
+
+    @classmethod
+    def inspect(cls, src: ByteSource) -> FormatFacts:
+        h = read_header(src)
+        return FormatFacts("parallels", h.total_sectors * S.SECTOR_SIZE,
+                           subformat="v2" if h.is_v2 else "v1",
+                           details={"cluster-size": h.tracks * S.SECTOR_SIZE})
 
 
 __all__ = ["ParallelsFormat", "ParallelsReader"]

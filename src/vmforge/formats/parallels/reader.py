@@ -16,11 +16,11 @@ import numpy as np
 from ...errors import CorruptImage, FormatMismatch, LimitExceeded, TruncatedImage
 from ...model import Extent, ExtentKind
 from ...model.info import ImageInfo
-from ..base import HostFile, ImageReader, OpenOptions
+from ..base import ByteSource, HostFile, ImageReader, OpenOptions
 from . import structs as S
 
 
-def read_header(host: HostFile) -> S.Header:
+def read_header(host: ByteSource) -> S.Header:
     """Parse and validate the header of ``host``.
 
     Raises TruncatedImage, FormatMismatch, CorruptImage or LimitExceeded.

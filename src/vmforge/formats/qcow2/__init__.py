@@ -6,9 +6,19 @@ from collections.abc import Mapping
 
 from ...errors import OptionError, UnsupportedFeature
 from ...model import parse_size
-from ..base import BackingRef, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
+from ...model.inspection import FormatFacts
+from ..base import (
+    BackingRef,
+    ByteSource,
+    Capabilities,
+    Format,
+    ImageReader,
+    ImageWriter,
+    OpenOptions,
+)
 from ..options import check_create_options, parse_flag
 from . import structs as S
+from .inspect import inspect_qcow2
 from .reader import Qcow2Reader
 from .writer import Qcow2Options, Qcow2Writer
 
@@ -114,6 +124,10 @@ class Qcow2Format(Format):
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
         return Qcow2Reader(path, options)
+
+    @classmethod
+    def inspect(cls, src: ByteSource) -> FormatFacts:
+        return inspect_qcow2(src)
 
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str],

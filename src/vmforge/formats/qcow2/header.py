@@ -15,7 +15,7 @@ from ...errors import (
     TruncatedImage,
     UnsupportedFeature,
 )
-from ..base import HostFile
+from ..base import ByteSource
 from . import structs as S
 
 
@@ -48,7 +48,7 @@ class Geometry:
         return S.EXTL2_SUBCLUSTERS if self.extended_l2 else 1
 
 
-def read_header(host: HostFile) -> tuple[S.Header, bytes]:
+def read_header(host: ByteSource) -> tuple[S.Header, bytes]:
     """Parse and validate the header; returns it and the first cluster's bytes.
 
     Raises TruncatedImage, FormatMismatch, UnsupportedFeature, CorruptImage or LimitExceeded.
@@ -134,7 +134,7 @@ def read_header(host: HostFile) -> tuple[S.Header, bytes]:
     return h, head
 
 
-def check_table(host: HostFile, what: str, offset: int, length: int, cluster_size: int,
+def check_table(host: ByteSource, what: str, offset: int, length: int, cluster_size: int,
                 file_size: int) -> None:
     """A table must start on a cluster boundary and lie inside the file."""
     if length == 0:

@@ -1,8 +1,10 @@
 """VDI: VirtualBox's disk format, version 1.1 with 1 MiB blocks, dynamic or static.
 
-Differencing VDIs (a non-zero uuidLinkage) are refused with the parent's UUID named:
-their parent is found through VirtualBox's media registry, not through the file, and
-qemu-img refuses them as well.
+Differencing VDIs (a non-zero uuidLinkage) are read, which qemu-img cannot do. Their
+parent is known only by UUID (VirtualBox finds it in its media registry), so vmforge
+never searches for it: the user names candidate parents (``--parent FILE``, the
+``parents`` argument of open_image), each is matched by its uuidCreate, and without a
+match reading fails naming the UUID. Untrusted mode refuses them like any reference.
 """
 
 from __future__ import annotations
@@ -10,10 +12,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ...errors import OptionError
-from ..base import BackingRef, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
+from ...model.inspection import FormatFacts, Reference
+from ..base import (
+    BackingRef,
+    ByteSource,
+    Capabilities,
+    Format,
+    ImageReader,
+    ImageWriter,
+    OpenOptions,
+)
 from ..options import check_create_options, parse_flag
 from . import structs as S
-from .reader import VdiReader
+from .reader import VdiReader, read_header
 from .writer import VdiWriter
 
 CREATE_OPTIONS = {
@@ -38,6 +49,17 @@ class VdiFormat(Format):
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
         return VdiReader(path, options)
+
+    @classmethod
+    def inspect(cls, src: ByteSource) -> FormatFacts:
+        h = read_header(src)
+        facts = FormatFacts("vdi", h.cbDisk, subformat=S.TYPE_NAMES.get(h.u32Type, "unknown"),
+                            details={"uuid": str(h.uuidCreate)})
+        if h.uuidLinkage.int:
+            # a UUID, not a name: VirtualBox finds the parent in its media registry
+            facts.references.append(Reference("parent", "VDI header uuidLinkage",
+                                              str(h.uuidLinkage)))
+        return facts
 
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str],

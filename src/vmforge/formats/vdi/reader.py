@@ -8,21 +8,26 @@ as zeros there, so every block points at block 0), vmforge refuses instead.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from ...errors import (
+    BackingChainError,
     CorruptImage,
     FormatMismatch,
+    ImageError,
     LimitExceeded,
     TruncatedImage,
     UnsupportedFeature,
 )
 from ...model import Extent, ExtentKind, align_up
 from ...model.check import CheckResult
-from ...model.info import ImageInfo
-from ..base import HostFile, ImageReader, OpenOptions, file_data_runs
+from ...model.info import BackingRef, ImageInfo
+from ..base import ByteSource, HostFile, ImageReader, OpenOptions, file_data_runs
 from . import structs as S
 
 BlockMap = np.ndarray  # 1-D little-endian uint32, one entry per block
@@ -32,7 +37,7 @@ BlockMap = np.ndarray  # 1-D little-endian uint32, one entry per block
 MAX_CHECK_MESSAGES = 100
 
 
-def read_header(host: HostFile) -> S.Header:
+def read_header(host: ByteSource) -> S.Header:
     """Parse and validate the header of ``host``.
 
     Raises TruncatedImage, FormatMismatch, UnsupportedFeature, CorruptImage or LimitExceeded.
@@ -74,12 +79,13 @@ def read_header(host: HostFile) -> S.Header:
     if h.cbDisk > h.cBlocks * h.cbBlock:
         raise CorruptImage(f"disk size {h.cbDisk} needs more than the {h.cBlocks} blocks "
                            "of the block map", path=path, offset=0x170)
-    if h.uuidLinkage.int or h.uuidParentModify.int:
-        # a differencing (or undo) image: its parent is found by UUID in VirtualBox's
-        # media registry, which a file alone does not carry; qemu refuses it too
-        raise UnsupportedFeature(
-            "VDI differencing image", path=path, detail=f"parent UUID {h.uuidLinkage}",
-            hint="merge it with its parent in VirtualBox (VBoxManage clonemedium) first")
+    if h.u32Type == S.TYPE_DIFF and not h.uuidLinkage.int:
+        raise CorruptImage("differencing VDI without a parent UUID (uuidLinkage is zero)",
+                           path=path, offset=0x1A8)
+    if h.uuidLinkage.int and h.u32Type not in (S.TYPE_DIFF, S.TYPE_UNDO):
+        raise CorruptImage(f"VDI image of type {h.u32Type} names a parent "
+                           f"({h.uuidLinkage}); only differencing images have one",
+                           path=path, offset=0x4C)
     map_bytes = h.cBlocks * 4
     if h.offBlocks < S.HEADER_AREA:
         raise CorruptImage(f"block map offset {h.offBlocks:#x} overlaps the header",
@@ -100,6 +106,37 @@ def read_block_map(host: HostFile, h: S.Header) -> BlockMap:
     return np.frombuffer(bytearray(raw), dtype="<u4")
 
 
+def find_parent(child: str, linkage: uuid.UUID, named: tuple[str, ...]
+                ) -> tuple[BackingRef | None, BackingChainError | None]:
+    """The named file whose uuidCreate is ``linkage`` (the child's uuidLinkage).
+
+    VDI stores no parent file name (VirtualBox finds parents in its media registry), so
+    only files the user named are considered, and only their headers are read.
+    """
+    tried = []
+    for name in named:
+        try:
+            host = HostFile(name)
+        except ImageError as err:
+            tried.append(f"{name}: {err.message.removeprefix(name + ': ')}")
+            continue
+        try:
+            h = read_header(host)
+        except ImageError:
+            tried.append(f"{name}: not a readable VDI")
+            continue
+        finally:
+            host.close()
+        if h.uuidCreate == linkage:
+            return BackingRef(os.path.abspath(name), "vdi"), None
+        tried.append(f"{name}: UUID {h.uuidCreate}")
+    detail = f"; named: {', '.join(tried)}" if tried else ""
+    return None, BackingChainError(
+        f"{child}: differencing VDI whose parent (UUID {linkage}) was not named{detail}",
+        path=child, hint="name the parent image with --parent FILE (a VDI stores only its "
+                         "parent's UUID, not a file name)")
+
+
 class VdiReader(ImageReader):
     format_name = "vdi"
 
@@ -112,6 +149,20 @@ class VdiReader(ImageReader):
         except BaseException:
             self.host.close()
             raise
+        #: a differencing image: free blocks fall through to the parent
+        self.differencing = bool(self.header.uuidLinkage.int)
+        #: raised by the chain (engine/chain.py) when the parent was not located
+        self.missing_parent: BackingChainError | None = None
+        if self.differencing:
+            linkage = self.header.uuidLinkage
+            if options.untrusted:
+                # not even the named files are opened: the chain refuses the reference
+                self.missing_parent = BackingChainError(
+                    f"{path}: differencing VDI refers to parent UUID {linkage} (refused in "
+                    "untrusted mode)", path=path,
+                    hint="untrusted images must be self-contained; flatten it where it was made")
+            else:
+                self.backing, self.missing_parent = find_parent(path, linkage, options.parents)
         # qemu accepts odd sizes ("VBoxManage convertfromraw" makes them) rounded up to
         # whole sectors
         self.virtual_size = align_up(self.header.cbDisk, S.SECTOR_SIZE)
@@ -134,15 +185,20 @@ class VdiReader(ImageReader):
             while run_end < end:
                 e2 = int(self.bmap[nxt])
                 if entry >= S.FIRST_UNALLOCATED:
-                    if e2 < S.FIRST_UNALLOCATED:
+                    if e2 < S.FIRST_UNALLOCATED or (self.differencing and e2 != entry):
                         break
                 elif e2 != entry + (nxt - idx):
                     break
                 nxt += 1
                 run_end = min(nxt * bs, end)
             if entry >= S.FIRST_UNALLOCATED:
-                # both FREE and ZERO read as zeros: qemu reports BDRV_BLOCK_ZERO for them
-                yield Extent(pos, run_end - pos, ExtentKind.ZERO)
+                # both FREE and ZERO read as zeros: qemu reports BDRV_BLOCK_ZERO for them.
+                # In a differencing image a FREE block is the parent's (VirtualBox VDI.cpp
+                # returns VERR_VD_BLOCK_FREE), a ZERO block hides it.
+                kind = ExtentKind.ZERO
+                if self.differencing and entry == S.BLOCK_FREE:
+                    kind = ExtentKind.UNALLOCATED
+                yield Extent(pos, run_end - pos, kind)
             else:
                 host = self.header.offData + entry * bs + (pos - idx * bs)
                 yield from self._data(pos, run_end, host)
@@ -160,9 +216,31 @@ class VdiReader(ImageReader):
         assert extent.host_offset is not None
         self.host.preadinto(buf, extent.host_offset)
 
+    def verify_parent(self, parent: Any) -> None:
+        """The chain calls this with the opened parent: it must be the image whose
+        uuidCreate this one links to."""
+        header = getattr(parent, "header", None)
+        if not isinstance(header, S.Header) or header.uuidCreate != self.header.uuidLinkage:
+            got = header.uuidCreate if isinstance(header, S.Header) else "none (not a VDI)"
+            raise BackingChainError(
+                f"{self.path}: parent {parent.path} has UUID {got}, but this differencing "
+                f"VDI links to {self.header.uuidLinkage}", path=self.path)
+
     def info(self) -> ImageInfo:
-        return ImageInfo(filename=self.path, format="vdi", virtual_size=self.virtual_size,
+        info = ImageInfo(filename=self.path, format="vdi", virtual_size=self.virtual_size,
                          actual_size=self.host.allocated, cluster_size=self.block_size)
+        if self.differencing:
+            h = self.header
+            if self.backing is not None:
+                info.backing_filename = info.full_backing_filename = self.backing.filename
+                info.backing_format = self.backing.format
+            info.format_specific = {"type": "vdi", "data": {
+                "image-type": S.TYPE_NAMES.get(h.u32Type, str(h.u32Type)),
+                "uuid": str(h.uuidCreate),
+                "parent-uuid": str(h.uuidLinkage),
+                "parent-modification-uuid": str(h.uuidParentModify),
+            }}
+        return info
 
     def check(self) -> CheckResult:
         """qemu's vdi_co_check: entries beyond the block count, blocks used twice, and

@@ -1,19 +1,26 @@
-"""vpc (VHD): Microsoft Virtual PC / Hyper-V disks, fixed and dynamic.
+"""vpc (VHD): Microsoft Virtual PC / Hyper-V disks, fixed, dynamic and differencing.
 
 qemu-img calls the format "vpc"; "vhd" is accepted as an alias. Unlike qemu, vmforge
-recognises a fixed VHD by its footer at the end of the file (``probe_tail``).
+recognises a fixed VHD by its footer at the end of the file (``probe_tail``), and
+reads and writes differencing disks (a backing file, in qemu-img's words), whose
+parent must be a VHD of the same size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
+from ...engine.chain import resolve_backing_path
 from ...errors import OptionError
-from ..base import BackingRef, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
+from ...model.inspection import FormatFacts
+from ..base import BackingRef, ByteSource, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
 from ..options import check_create_options, parse_flag
 from . import structs as S
+from .inspect import inspect_vpc
+from .parent import link_to
 from .reader import VpcReader
-from .writer import DynamicWriter, FixedWriter, make_footer
+from .writer import DifferencingWriter, DynamicWriter, FixedWriter, make_footer
 
 CREATE_OPTIONS = {
     "subformat": "dynamic (default) or fixed",
@@ -41,7 +48,7 @@ def plan_size(size: int, force_size: bool) -> tuple[int, tuple[int, int, int]]:
 class VpcFormat(Format):
     name = "vpc"
     aliases = ("vhd",)
-    capabilities = Capabilities(read=True, write=True)
+    capabilities = Capabilities(read=True, write=True, backing=True)
     create_options = CREATE_OPTIONS
 
     @classmethod
@@ -73,9 +80,15 @@ class VpcFormat(Format):
         return VpcReader(path, options)
 
     @classmethod
+    def inspect(cls, src: ByteSource) -> FormatFacts:
+        return inspect_vpc(src)
+
+    @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str],
                backing: BackingRef | None = None, backing_size: int | None = None) -> ImageWriter:
-        check_create_options("vpc", options, CREATE_OPTIONS, backing)
+        check_create_options("vpc", options, CREATE_OPTIONS, backing, has_backing=True)
+        if backing is not None:
+            return _create_differencing(path, size, options, backing)
         sub = options.get("subformat", "dynamic")
         if sub not in ("dynamic", "fixed"):
             raise OptionError(f"invalid subformat '{sub}'", option="subformat",
@@ -89,4 +102,41 @@ class VpcFormat(Format):
                              make_footer(disk_size, chs, S.DISK_TYPE_DYNAMIC, force))
 
 
-__all__ = ["VpcFormat", "VpcReader", "DynamicWriter", "FixedWriter", "plan_size"]
+def _create_differencing(path: str, size: int, options: Mapping[str, str],
+                         backing: BackingRef) -> ImageWriter:
+    """A differencing disk on ``backing`` (named relative to ``path``'s directory).
+
+    The child takes the parent's size, geometry and sizing rule; a requested size is
+    accepted only when it is the parent's or rounds up to it (a CHS-rounded parent made
+    from the same source). Raises OptionError otherwise, or when the parent is no VHD.
+    """
+    if backing.format not in ("vpc", "vhd"):
+        raise OptionError(f"a VHD differencing disk needs a VHD parent, not {backing.format}",
+                          option="backing_fmt", hint="convert the parent to vpc first")
+    if options.get("subformat", "dynamic") != "dynamic" or "force_size" in options:
+        raise OptionError("a VHD with a backing file is a differencing disk: subformat and "
+                          "force_size do not apply", option="subformat")
+    parent = VpcReader(resolve_backing_path(path, backing.filename))
+    try:
+        pfooter, psize = parent.footer, parent.virtual_size
+    finally:
+        parent.close()
+    rounded = plan_size(size, False)[0] if size <= S.MAX_SECTORS * S.SECTOR else -1
+    if size != psize and rounded != psize:
+        raise OptionError(f"a VHD differencing disk has the size of its parent ({psize} "
+                          f"bytes), not {size}", option="size",
+                          hint="leave the size out to take the parent's")
+    link = link_to(path, backing.filename, pfooter)
+    footer = make_footer(psize, (pfooter.cylinders, pfooter.heads, pfooter.sectors_per_track),
+                         S.DISK_TYPE_DIFFERENCING, False)
+    # the child must show the parent's size: keep the parent's sizing rule (geometry for
+    # "qemu"/"vpc " creators, current_size for Hyper-V and the others)
+    by_current = pfooter.creator_application in S.CURRENT_SIZE_CREATORS or \
+        pfooter.chs_sectors == S.MAX_GEOMETRY
+    footer = replace(footer, creator_application=b"qem2" if by_current else b"qemu",
+                     original_size=psize, current_size=psize)
+    return DifferencingWriter(path, psize, footer, link)
+
+
+__all__ = ["VpcFormat", "VpcReader", "DifferencingWriter", "DynamicWriter", "FixedWriter",
+           "plan_size"]

@@ -1,30 +1,42 @@
-"""Reading fixed and dynamic VHD files as extents.
+"""Reading fixed, dynamic and differencing VHD files as extents.
 
 Everything a header says is checked against the file size and QEMU's caps before any
-table is allocated. Reads follow QEMU 7.2 (block/vpc.c): an allocated block reads as
-stored data whatever its sector bitmap says, an unallocated one as zeros.
+table is allocated. Dynamic disks read as QEMU 7.2 reads them (block/vpc.c): an
+allocated block reads as stored data whatever its sector bitmap says, an unallocated
+one as zeros. Differencing disks (which qemu cannot read) follow the specification:
+a block's sector bitmap says which sectors this file holds; the others, and whole
+blocks absent from the BAT, are unallocated and fall through to the parent.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from ...errors import CorruptImage, LimitExceeded, TruncatedImage, UnsupportedFeature
+from ...engine.chain import resolve_backing_path
+from ...errors import BackingChainError, CorruptImage, LimitExceeded, TruncatedImage
 from ...model import Extent, ExtentKind
 from ...model.info import ImageInfo
-from ..base import HostFile, ImageReader, OpenOptions, file_data_runs
+from ..base import ByteSource, HostFile, ImageReader, OpenOptions, file_data_runs
 from . import structs as S
+from .parent import Locator, choose_parent, read_locators
 
 #: our cap on the BAT (bytes) on top of qemu's INT_MAX/4 entries: 2040 GiB in 32 KiB
 #: blocks; the BAT must also fit in the file, so memory never exceeds the file's size
 MAX_BAT_BYTES = 256 << 20
+#: sector bitmaps of differencing blocks kept decoded (runs), per reader
+_BITMAP_CACHE = 64
 
 
-def read_footer(host: HostFile) -> tuple[S.Footer, bool]:
-    """The footer and whether the disk is dynamic (footer copy at offset 0) or fixed.
+def read_footer(host: ByteSource) -> tuple[S.Footer, bool]:
+    """The footer and whether the disk is sparse (dynamic or differencing: footer copy at
+    offset 0) or fixed.
 
     Raises CorruptImage when neither offset 0 nor the last 512 bytes hold a footer, or
     when its checksum is wrong (qemu 7.2 refuses that too: "Incorrect header checksum").
@@ -50,15 +62,54 @@ def read_footer(host: HostFile) -> tuple[S.Footer, bool]:
     if not S.footer_checksum_ok(raw):
         raise CorruptImage("incorrect VHD footer checksum", path=path, offset=at)
     footer = S.Footer.unpack(raw)
-    if footer.disk_type == S.DISK_TYPE_DIFFERENCING:
-        raise UnsupportedFeature("VHD differencing disks", path=path,
-                                 detail="only fixed and dynamic VHDs are read")
-    want = S.DISK_TYPE_DYNAMIC if dynamic else S.DISK_TYPE_FIXED
-    if footer.disk_type != want:
+    want = (S.DISK_TYPE_DYNAMIC, S.DISK_TYPE_DIFFERENCING) if dynamic else (S.DISK_TYPE_FIXED,)
+    if footer.disk_type not in want:
         where = "at offset 0" if dynamic else "at the end of the file"
+        expected = " or ".join(map(str, want))
         raise CorruptImage(f"VHD footer {where} has disk type {footer.disk_type}, "
-                           f"expected {want}", path=path, offset=at)
+                           f"expected {expected}", path=path, offset=at)
     return footer, dynamic
+
+
+def read_dynamic_header(host: ByteSource, footer: S.Footer, virtual_size: int) -> S.DynamicHeader:
+    """The dynamic disk header at ``footer.data_offset``, validated up to the BAT bounds.
+
+    Raises TruncatedImage, CorruptImage or LimitExceeded before anything is allocated.
+    """
+    path = host.path
+    at = footer.data_offset
+    if at > host.size - S.DynamicHeader.LEADING:
+        raise TruncatedImage(f"dynamic disk header at {at} lies past the end of the file",
+                             path=path, offset=at)
+    raw = host.pread_upto(at, S.DYNAMIC_HEADER_SIZE)
+    hdr = S.DynamicHeader.unpack(raw)
+    if hdr.cookie != S.DYNAMIC_COOKIE:
+        raise CorruptImage("invalid dynamic disk header magic (expected 'cxsparse')",
+                           path=path, offset=at)
+    bs = hdr.block_size
+    if bs < S.SECTOR or bs & (bs - 1):
+        raise CorruptImage(f"invalid block size {bs}", path=path, offset=at + 32)
+    # The limits first, as qemu checks them, so a hostile count is named as such.
+    if virtual_size // bs > 0xFFFFFFFF:
+        raise LimitExceeded("too many blocks", path=path, limit="blocks")
+    if hdr.max_table_entries * bs < virtual_size:
+        raise CorruptImage(f"block allocation table too small ({hdr.max_table_entries} "
+                           f"entries of {bs} bytes for {virtual_size} bytes)",
+                           path=path, offset=at + 28)
+    if hdr.max_table_entries > S.MAX_TABLE_ENTRIES or hdr.max_table_entries * 4 > MAX_BAT_BYTES:
+        raise LimitExceeded(f"Max Table Entries too large ({hdr.max_table_entries})",
+                            path=path, limit="max_table_entries")
+    if len(raw) < S.DYNAMIC_HEADER_SIZE:
+        raise TruncatedImage(f"dynamic disk header at {at} is cut by the end of the file",
+                             path=path, offset=at)
+    if not S.dynamic_checksum_ok(raw):
+        raise CorruptImage("incorrect dynamic disk header checksum", path=path, offset=at)
+    bat_bytes = hdr.max_table_entries * 4
+    if hdr.table_offset > host.size or bat_bytes > host.size - hdr.table_offset:
+        raise TruncatedImage(f"block allocation table ({bat_bytes} bytes at "
+                             f"{hdr.table_offset}) lies past the end of the file",
+                             path=path, offset=hdr.table_offset)
+    return hdr
 
 
 class VpcReader(ImageReader):
@@ -66,9 +117,17 @@ class VpcReader(ImageReader):
 
     def __init__(self, path: str, options: OpenOptions | None = None) -> None:
         self.path = path
+        self.options = options or OpenOptions()
         self.host = HostFile(path)
+        #: set when the parent of a differencing disk cannot be located (engine/chain.py
+        #: raises it when asked to follow the chain)
+        self.missing_parent: BackingChainError | None = None
+        self.locators: list[Locator] = []
+        self._bitmaps: OrderedDict[int, list[tuple[int, int, bool]]] = OrderedDict()
+        self._lock = threading.Lock()
         try:
             self.footer, self.dynamic = read_footer(self.host)
+            self.differencing = self.footer.disk_type == S.DISK_TYPE_DIFFERENCING
             self.virtual_size = self.footer.guest_size()
             if self.virtual_size > S.MAX_SECTORS * S.SECTOR:
                 raise LimitExceeded(f"disk size {self.virtual_size} is beyond 2040 GiB",
@@ -89,39 +148,9 @@ class VpcReader(ImageReader):
             raise
 
     def _open_dynamic(self) -> None:
-        path, host, footer = self.path, self.host, self.footer
-        at = footer.data_offset
-        if at > host.size - S.DynamicHeader.LEADING:
-            raise TruncatedImage(f"dynamic disk header at {at} lies past the end of the file",
-                                 path=path, offset=at)
-        raw = host.pread_upto(at, S.DYNAMIC_HEADER_SIZE)
-        hdr = S.DynamicHeader.unpack(raw)
-        if hdr.cookie != S.DYNAMIC_COOKIE:
-            raise CorruptImage("invalid dynamic disk header magic (expected 'cxsparse')",
-                               path=path, offset=at)
-        bs = hdr.block_size
-        if bs < S.SECTOR or bs & (bs - 1):
-            raise CorruptImage(f"invalid block size {bs}", path=path, offset=at + 32)
-        # The limits first, as qemu checks them, so a hostile count is named as such.
-        if self.virtual_size // bs > 0xFFFFFFFF:
-            raise LimitExceeded("too many blocks", path=path, limit="blocks")
-        if hdr.max_table_entries * bs < self.virtual_size:
-            raise CorruptImage(f"block allocation table too small ({hdr.max_table_entries} "
-                               f"entries of {bs} bytes for {self.virtual_size} bytes)",
-                               path=path, offset=at + 28)
-        if hdr.max_table_entries > S.MAX_TABLE_ENTRIES or hdr.max_table_entries * 4 > MAX_BAT_BYTES:
-            raise LimitExceeded(f"Max Table Entries too large ({hdr.max_table_entries})",
-                                path=path, limit="max_table_entries")
-        if len(raw) < S.DYNAMIC_HEADER_SIZE:
-            raise TruncatedImage(f"dynamic disk header at {at} is cut by the end of the file",
-                                 path=path, offset=at)
-        if not S.dynamic_checksum_ok(raw):
-            raise CorruptImage("incorrect dynamic disk header checksum", path=path, offset=at)
-        bat_bytes = hdr.max_table_entries * 4
-        if hdr.table_offset > host.size or bat_bytes > host.size - hdr.table_offset:
-            raise TruncatedImage(f"block allocation table ({bat_bytes} bytes at "
-                                 f"{hdr.table_offset}) lies past the end of the file",
-                                 path=path, offset=hdr.table_offset)
+        path, host = self.path, self.host
+        hdr = read_dynamic_header(host, self.footer, self.virtual_size)
+        bs, bat_bytes = hdr.block_size, hdr.max_table_entries * 4
         bat = np.frombuffer(host.pread(hdr.table_offset, bat_bytes), dtype=">u4").astype(np.uint32)
         self.header, self.block_size, self.bitmap_size = hdr, bs, hdr.bitmap_size
         used = bat[bat != S.BAT_UNUSED]
@@ -134,6 +163,29 @@ class VpcReader(ImageReader):
                                      f"({host.size} bytes): the image has been truncated",
                                      path=path, offset=int(used.max()) * S.SECTOR)
         self.bat = bat
+        if self.differencing:
+            self.locators = read_locators(host, hdr)
+            self.backing, self.missing_parent = choose_parent(
+                path, self.locators, hdr.parent_name, untrusted=self.options.untrusted)
+
+    def verify_parent(self, parent: Any) -> None:
+        """Called by the chain once the parent is open: it must be the disk this one was
+        made from ("Parent Unique ID" = the parent footer's "Unique Id") and as large."""
+        assert self.header is not None
+        footer = getattr(parent, "footer", None)
+        if not isinstance(footer, S.Footer):
+            raise BackingChainError(f"{self.path}: parent {parent.path} is not a VHD",
+                                    path=self.path)
+        want, got = uuid.UUID(bytes=self.header.parent_unique_id), uuid.UUID(bytes=footer.unique_id)
+        if want != got:
+            raise BackingChainError(
+                f"{self.path}: parent {parent.path} has unique ID {got}, but this differencing "
+                f"disk was made from {want}", path=self.path,
+                hint="the parent was replaced or rebuilt; find the original parent")
+        if parent.virtual_size != self.virtual_size:
+            raise BackingChainError(
+                f"{self.path}: parent {parent.path} is {parent.virtual_size} bytes, this "
+                f"differencing disk {self.virtual_size}", path=self.path)
 
     def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
         end = min(start + length, self.virtual_size)
@@ -161,23 +213,79 @@ class VpcReader(ImageReader):
                 while j < n and entries[j] == S.BAT_UNUSED:
                     j += 1
                 g_end = min(end, (first + j) * bs)
-                # qemu reports unallocated blocks as known zeros (BDRV_BLOCK_ZERO)
-                yield Extent(g_start, g_end - g_start, ExtentKind.ZERO)
+                # qemu reports unallocated blocks of a dynamic disk as known zeros
+                # (BDRV_BLOCK_ZERO); in a differencing disk the parent answers
+                kind = ExtentKind.UNALLOCATED if self.differencing else ExtentKind.ZERO
+                yield Extent(g_start, g_end - g_start, kind)
                 i = j
                 continue
-            g_end = min(end, (first + i + 1) * bs)
-            host = int(entries[i]) * S.SECTOR + self.bitmap_size + (g_start - (first + i) * bs)
-            yield Extent(g_start, g_end - g_start, ExtentKind.DATA, host_offset=host)
+            block_start = (first + i) * bs
+            g_end = min(end, block_start + bs)
+            data = int(entries[i]) * S.SECTOR + self.bitmap_size
+            if not self.differencing:
+                yield Extent(g_start, g_end - g_start, ExtentKind.DATA,
+                             host_offset=data + (g_start - block_start))
+            else:
+                for s, e, present in self._sector_runs(int(entries[i])):
+                    s, e = max(s + block_start, g_start), min(e + block_start, g_end)
+                    if s >= e:
+                        continue
+                    if present:
+                        yield Extent(s, e - s, ExtentKind.DATA,
+                                     host_offset=data + (s - block_start))
+                    else:
+                        yield Extent(s, e - s, ExtentKind.UNALLOCATED)
             i += 1
+
+    def _sector_runs(self, entry: int) -> list[tuple[int, int, bool]]:
+        """(start, end, present) byte runs inside a block from its sector bitmap.
+
+        Bit 7 of byte 0 is the block's first sector ("Data block sector bitmap";
+        VirtualBox and Xen's libvhd read the most significant bit first).
+        """
+        with self._lock:
+            runs = self._bitmaps.get(entry)
+            if runs is not None:
+                self._bitmaps.move_to_end(entry)
+                return runs
+        sectors = self.block_size // S.SECTOR
+        raw = self.host.pread(entry * S.SECTOR, -(-sectors // 8))
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:sectors].astype(np.int8)
+        edges = np.flatnonzero(np.diff(bits)) + 1
+        bounds = [0, *edges.tolist(), sectors]
+        runs = [(a * S.SECTOR, b * S.SECTOR, bool(bits[a]))
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        with self._lock:
+            self._bitmaps[entry] = runs
+            if len(self._bitmaps) > _BITMAP_CACHE:
+                self._bitmaps.popitem(last=False)
+        return runs
 
     def read_host(self, extent: Extent, buf: memoryview) -> None:
         assert extent.host_offset is not None
         self.host.preadinto(buf, extent.host_offset)
 
     def info(self) -> ImageInfo:
-        return ImageInfo(filename=self.path, format="vpc", virtual_size=self.virtual_size,
+        info = ImageInfo(filename=self.path, format="vpc", virtual_size=self.virtual_size,
                          actual_size=self.host.allocated,
                          cluster_size=self.block_size if self.dynamic else None)
+        if self.differencing and self.header is not None:
+            # shown as qemu-img shows a qcow2 overlay; the VHD specifics under format-specific
+            if self.backing is not None:
+                info.backing_filename = self.backing.filename
+                info.backing_format = self.backing.format
+                if not self.options.untrusted and self.missing_parent is None:
+                    info.full_backing_filename = resolve_backing_path(self.path,
+                                                                      self.backing.filename)
+            info.format_specific = {"type": "vpc", "data": {
+                "disk-type": "differencing",
+                "parent-unique-id": str(uuid.UUID(bytes=self.header.parent_unique_id)),
+                "parent-time-stamp": self.header.parent_time_stamp + S.TIMESTAMP_BASE,
+                "parent-name": self.header.parent_name,
+                "parent-locators": "; ".join(f"{loc.code} {loc.text}".rstrip()
+                                             for loc in self.locators),
+            }}
+        return info
 
     def close(self) -> None:
         self.host.close()

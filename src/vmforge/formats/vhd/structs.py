@@ -3,7 +3,8 @@
 #   Footer Format", "Dynamic Disk Header Format", "Block Allocation Table and Data
 #   Blocks", "Appendix: CHS Calculation"; field names follow it.
 #   libyal/libvhdi "Virtual Hard Disk (VHD) image format": "Footer", "Dynamic disk
-#   header", "Block table", "Data blocks".
+#   header", "Parent locator entry", "Block table", "Data blocks", "Data block sector
+#   bitmap".
 #   QEMU 7.2 block/vpc.c (vpc_open size rule, calculate_geometry, limits): the oracle.
 """VHD on-disk structures, named as in the specification, packed and unpacked."""
 
@@ -30,6 +31,17 @@ NO_OFFSET = 0xFFFFFFFFFFFFFFFF  # "Data Offset" of a fixed disk; "Data Offset" o
 BAT_UNUSED = 0xFFFFFFFF  # "Block Allocation Table": entry of a block not yet allocated
 TIMESTAMP_BASE = 946684800  # "Time Stamp" counts seconds from 2000-01-01 00:00:00 UTC
 
+# "Parent Locator Entries": "Platform Code" values (four ASCII characters, big-endian)
+PLATFORM_NONE = 0x00000000
+PLATFORM_WI2R = 0x57693272  # "Wi2r": deprecated relative Windows path
+PLATFORM_WI2K = 0x5769326B  # "Wi2k": deprecated absolute Windows path
+PLATFORM_W2RU = 0x57327275  # "W2ru": Windows path relative to the child, UTF-16 little-endian
+PLATFORM_W2KU = 0x57326B75  # "W2ku": absolute Windows path, UTF-16 little-endian
+PLATFORM_MAC = 0x4D616320  # "Mac ": Mac OS alias stored as a blob
+PLATFORM_MACX = 0x4D616358  # "MacX": file URL, UTF-8 (RFC 2396)
+LOCATOR_COUNT = 8  # the header holds eight "Parent Locator Entries" of 24 bytes
+PARENT_NAME_SIZE = 512  # "Parent Unicode Name": 256 UTF-16 big-endian code units
+
 DEFAULT_BLOCK_SIZE = 2 << 20  # the spec's default and what qemu writes
 
 # QEMU block/vpc.c limits, checked on open and create.
@@ -50,6 +62,9 @@ _DYN = struct.Struct(">8sQQIIII16sII")
 _DYN_CHECKSUM_AT = 36
 _PARENT_NAME_AT = 64
 _LOCATORS_AT = 576
+# "Parent Locator Entry": Platform Code, Platform Data Space, Platform Data Length,
+# Reserved, Platform Data Offset
+_LOCATOR = struct.Struct(">IIIIQ")
 
 
 def checksum(data: bytes, at: int) -> int:
@@ -127,9 +142,39 @@ def dynamic_checksum_ok(data: bytes) -> bool:
     return bool(stored == checksum(data, _DYN_CHECKSUM_AT))
 
 
+def platform_name(code: int) -> str:
+    """A "Platform Code" as its four characters ("W2ru"), or hex when not printable."""
+    raw = code.to_bytes(4, "big")
+    text = raw.decode("ascii", "replace")
+    return text if text.isprintable() else f"{code:#010x}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParentLocator:
+    """One 24-byte "Parent Locator Entry" (differencing disks; all zero otherwise).
+
+    "Platform Data Space" is sectors in the specification, but Virtual PC and Hyper-V
+    store bytes there (VirtualBox VHD.cpp says so and writes bytes too).
+    """
+
+    platform_code: int = PLATFORM_NONE
+    platform_data_space: int = 0
+    platform_data_length: int = 0
+    reserved: int = 0
+    platform_data_offset: int = 0
+
+    @classmethod
+    def unpack(cls, data: bytes, at: int = 0) -> ParentLocator:
+        return cls(*_LOCATOR.unpack_from(data, at))
+
+    def pack(self) -> bytes:
+        return _LOCATOR.pack(self.platform_code, self.platform_data_space,
+                             self.platform_data_length, self.reserved, self.platform_data_offset)
+
+
 @dataclass(frozen=True, slots=True)
 class DynamicHeader:
-    """The 1024-byte "Dynamic Disk Header" (parent fields kept raw; unused for dynamic disks)."""
+    """The 1024-byte "Dynamic Disk Header" (the parent fields are used by differencing disks)."""
 
     cookie: bytes
     data_offset: int
@@ -141,6 +186,8 @@ class DynamicHeader:
     parent_unique_id: bytes = bytes(16)
     parent_time_stamp: int = 0
     reserved: int = 0
+    parent_unicode_name: bytes = bytes(PARENT_NAME_SIZE)
+    parent_locator_entries: tuple[ParentLocator, ...] = (ParentLocator(),) * LOCATOR_COUNT
 
     #: bytes of the header needed to read the fields checked before anything else
     LEADING = _DYN_CHECKSUM_AT
@@ -148,14 +195,32 @@ class DynamicHeader:
     @classmethod
     def unpack(cls, data: bytes) -> DynamicHeader:
         """Parse 1024 bytes (or at least LEADING bytes: missing fields read as zero)."""
-        padded = data if len(data) >= _DYN.size else data + bytes(_DYN.size - len(data))
-        return cls(*_DYN.unpack_from(padded, 0))
+        padded = bytes(data[:DYNAMIC_HEADER_SIZE]).ljust(DYNAMIC_HEADER_SIZE, b"\0")
+        locators = tuple(ParentLocator.unpack(padded, _LOCATORS_AT + i * _LOCATOR.size)
+                         for i in range(LOCATOR_COUNT))
+        (cookie, data_offset, table_offset, header_version, max_table_entries, block_size,
+         checksum, parent_unique_id, parent_time_stamp, reserved) = _DYN.unpack_from(padded, 0)
+        return cls(cookie, data_offset, table_offset, header_version, max_table_entries,
+                   block_size, checksum, parent_unique_id, parent_time_stamp, reserved,
+                   padded[_PARENT_NAME_AT:_PARENT_NAME_AT + PARENT_NAME_SIZE], locators)
 
     def pack(self) -> bytes:
         head = _DYN.pack(self.cookie, self.data_offset, self.table_offset, self.header_version,
                          self.max_table_entries, self.block_size, self.checksum,
                          self.parent_unique_id, self.parent_time_stamp, self.reserved)
-        return head + bytes(DYNAMIC_HEADER_SIZE - len(head))
+        name = self.parent_unicode_name[:PARENT_NAME_SIZE].ljust(PARENT_NAME_SIZE, b"\0")
+        entries = list(self.parent_locator_entries[:LOCATOR_COUNT])
+        entries += [ParentLocator()] * (LOCATOR_COUNT - len(entries))
+        out = head + name + b"".join(e.pack() for e in entries)
+        return out + bytes(DYNAMIC_HEADER_SIZE - len(out))
+
+    @property
+    def parent_name(self) -> str:
+        """"Parent Unicode Name" decoded (UTF-16 big-endian, up to the first NUL)."""
+        raw = self.parent_unicode_name
+        end = next((i for i in range(0, len(raw) - 1, 2) if raw[i] == 0 and raw[i + 1] == 0),
+                   len(raw) - len(raw) % 2)
+        return raw[:end].decode("utf-16-be", "replace")
 
     def sealed(self) -> bytes:
         raw = bytearray(self.pack())

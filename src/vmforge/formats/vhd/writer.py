@@ -1,9 +1,13 @@
-"""Writing fixed and dynamic VHD files the way qemu-img lays them out.
+"""Writing fixed, dynamic and differencing VHD files.
 
-Dynamic: footer copy (0), dynamic disk header (512), BAT (1536, padded to a sector),
-then 2 MiB blocks appended in the order they are first written, each behind a 512-byte
-sector bitmap with every bit set (as qemu does: the whole block is then stored data),
-and the footer last. Fixed: the guest bytes, then the footer.
+Dynamic (qemu-img's layout): footer copy (0), dynamic disk header (512), BAT (1536,
+padded to a sector), then 2 MiB blocks appended in the order they are first written,
+each behind a 512-byte sector bitmap with every bit set (as qemu does: the whole block
+is then stored data), and the footer last. Fixed: the guest bytes, then the footer.
+Differencing (qemu-img cannot write these; the layout is VirtualBox's, which Hyper-V
+accepts): as dynamic, with the parent locators' data between the BAT and the first
+block, and sector bitmaps with only the sectors written here set, so the others fall
+through to the parent.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,6 +23,7 @@ from ...errors import OutputError
 from ...util.fileio import pwrite_all, zero_range
 from ..base import ImageWriter
 from . import structs as S
+from .parent import ParentLink
 
 BAT_OFFSET = 3 * S.SECTOR  # after the footer copy and the 1024-byte dynamic header
 
@@ -26,7 +32,7 @@ def make_footer(size: int, chs: tuple[int, int, int], disk_type: int, force_size
     """The footer qemu-img writes: creator "qemu" sized by CHS, or "qem2" by current_size."""
     return S.Footer(
         cookie=S.COOKIE, features=S.FEATURES_RESERVED, file_format_version=S.FILE_FORMAT_VERSION,
-        data_offset=S.SECTOR if disk_type == S.DISK_TYPE_DYNAMIC else S.NO_OFFSET,
+        data_offset=S.NO_OFFSET if disk_type == S.DISK_TYPE_FIXED else S.SECTOR,
         time_stamp=max(0, int(time.time()) - S.TIMESTAMP_BASE) & 0xFFFFFFFF,
         creator_application=b"qem2" if force_size else b"qemu",
         creator_version=0x00050003,  # what qemu writes: Virtual PC 2007 (5.3)
@@ -155,3 +161,100 @@ class DynamicWriter(_VpcWriter):
         pwrite_all(self.fd, self.footer, self.next_block)
         os.ftruncate(self.fd, self.next_block + S.FOOTER_SIZE)
         self._close()
+
+
+class DifferencingWriter(DynamicWriter):
+    """A differencing disk on ``link``'s parent: sector-exact bitmaps, locators, parent ID.
+
+    Writes must be whole sectors (a partial sector would need the parent's bytes for
+    the rest); ``granularity`` 512 makes the copy engine send exactly the sectors the
+    source's top layer holds.
+    """
+
+    granularity = S.SECTOR
+
+    def __init__(self, path: str, size: int, footer: S.Footer, link: ParentLink) -> None:
+        super().__init__(path, size, footer)
+        entries: list[S.ParentLocator] = []
+        self.locator_data: list[tuple[int, bytes]] = []
+        at = self.next_block  # right after the BAT
+        for code, data in link.locator_data():
+            # "Platform Data Space" in bytes, as Virtual PC, Hyper-V and VirtualBox store it
+            space = max(S.SECTOR, -(-len(data) // S.SECTOR) * S.SECTOR)
+            entries.append(S.ParentLocator(platform_code=code, platform_data_space=space,
+                                           platform_data_length=len(data),
+                                           platform_data_offset=at))
+            self.locator_data.append((at, data))
+            at += space
+        self.next_block = at
+        self.header = replace(
+            self.header, parent_unique_id=link.unique_id, parent_time_stamp=link.time_stamp,
+            parent_unicode_name=link.unicode_name(),
+            parent_locator_entries=tuple(entries) + (S.ParentLocator(),) * (
+                S.LOCATOR_COUNT - len(entries)))
+        # an allocated block starts with no sector of its own: every bit clear
+        self.bitmap = bytes(self.bitmap_size)
+        self.sectors_per_block = self.block_size // S.SECTOR
+        # block index -> one bool per sector, for blocks written since their last flush;
+        # flush_before() moves them to disk so memory stays flat on large disks
+        self.present: dict[int, np.ndarray] = {}
+
+    def _mark(self, offset: int, length: int) -> None:
+        if offset % S.SECTOR or length % S.SECTOR:
+            raise OutputError(f"{self.path}: a differencing VHD stores whole sectors; a write "
+                              f"of {length} bytes at {offset} is not sector-aligned")
+        bs = self.block_size
+        end = offset + length
+        while offset < end:
+            index, inner = divmod(offset, bs)
+            n = min(end - offset, bs - inner)
+            bits = self.present.get(index)
+            if bits is None:
+                bits = self.present[index] = self._stored_bits(index)
+            bits[inner // S.SECTOR:(inner + n) // S.SECTOR] = True
+            offset += n
+
+    def _stored_bits(self, index: int) -> np.ndarray:
+        """The sector bitmap of block ``index`` as on disk (all clear for a new block)."""
+        entry = int(self.bat[index])
+        if entry == S.BAT_UNUSED:
+            return np.zeros(self.sectors_per_block, dtype=bool)
+        raw = os.pread(self.fd, self.sectors_per_block // 8, entry * S.SECTOR)
+        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8)).astype(bool)
+
+    def _store_bits(self, index: int) -> None:
+        bits = self.present.pop(index)
+        packed = np.packbits(bits).tobytes()  # most significant bit = first sector
+        pwrite_all(self.fd, packed + bytes(self.bitmap_size - len(packed)),
+                   int(self.bat[index]) * S.SECTOR)
+
+    def flush_before(self, offset: int) -> None:
+        for index in [i for i in self.present if (i + 1) * self.block_size <= offset]:
+            self._store_bits(index)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_range(offset, len(data))
+        self._mark(offset, len(data))
+        super().write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        # zeros here must hide whatever the parent holds: the sectors become this file's
+        self._check_range(offset, length)
+        self._mark(offset, length)
+        bs = self.block_size
+        end = offset + length
+        while offset < end:
+            index, inner = divmod(offset, bs)
+            n = min(end - offset, bs - inner)
+            was_new = int(self.bat[index]) == S.BAT_UNUSED
+            host = self._block_host(index)
+            if not was_new:  # a new block's data area is still a hole, reading zeros
+                zero_range(self.fd, host + inner, n)
+            offset += n
+
+    def finish(self) -> None:
+        for at, data in self.locator_data:
+            pwrite_all(self.fd, data, at)
+        for index in list(self.present):
+            self._store_bits(index)
+        super().finish()

@@ -1,0 +1,131 @@
+"""vhdx: Hyper-V's VHDX disks, fixed, dynamic and differencing (.avhdx).
+
+qemu-img 7.2 reads and writes fixed and dynamic VHDX only; vmforge also reads and
+writes differencing disks, checks their parent by its DataWriteGuid, and can replay a
+dirty metadata log in memory (``--replay-log``) where qemu-img refuses a read-only open.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from ...engine.chain import resolve_backing_path
+from ...errors import OptionError, VmforgeError
+from ...model import parse_size
+from ...model.inspection import FormatFacts
+from ..base import (
+    BackingRef,
+    ByteSource,
+    Capabilities,
+    Format,
+    ImageReader,
+    ImageWriter,
+    OpenOptions,
+)
+from ..options import check_create_options, parse_flag
+from . import structs as S
+from .inspect import inspect_vhdx
+from .reader import VhdxReader
+from .writer import ParentInfo, VhdxWriter
+
+CREATE_OPTIONS = {
+    "subformat": "dynamic (default) or fixed",
+    "block_size": "payload block size, 1M..256M, a power of two "
+                  "(default as qemu: 8M up to 1G, 16M up to 100G, 32M up to 32T, then 64M)",
+    "log_size": "log size, a multiple of 1M (default 1M)",
+    "block_state_zero": "on (default) | off: unwritten blocks of a dynamic disk are ZERO "
+                        "rather than NOT_PRESENT",
+    "backing_file": "parent VHDX: makes a differencing disk (same as -b)",
+    "backing_fmt": "format of the parent: vhdx",
+}
+
+
+def default_block_size(size: int) -> int:
+    """QEMU 7.2's automatic block size (vhdx_co_create)."""
+    if size > 32 * S.TiB:
+        return 64 * S.MiB
+    if size > 100 * S.GiB:
+        return 32 * S.MiB
+    if size > 1 * S.GiB:
+        return 16 * S.MiB
+    return 8 * S.MiB
+
+
+def _size_option(options: Mapping[str, str], key: str) -> int | None:
+    if key not in options:
+        return None
+    try:
+        return parse_size(options[key])
+    except VmforgeError:
+        raise OptionError(f"invalid {key} '{options[key]}'", option=key,
+                          hint="give a size such as 32M") from None
+
+
+def _parent_info(path: str, backing: BackingRef, size: int) -> ParentInfo:
+    if backing.format != "vhdx":
+        raise OptionError("a VHDX differencing disk needs a VHDX parent", option="backing_fmt",
+                          hint="convert the parent to vhdx first, or use -O qcow2")
+    target = resolve_backing_path(path, backing.filename)
+    parent = VhdxReader(target, OpenOptions())
+    try:
+        if parent.virtual_size != size:
+            raise OptionError(f"a differencing VHDX has its parent's size ({parent.virtual_size} "
+                              f"bytes), not {size}", option="size", hint="leave the size out")
+        guid = parent.header.data_write_guid
+    finally:
+        parent.close()
+    absolute = os.path.abspath(target)
+    relative = os.path.relpath(absolute, os.path.dirname(os.path.abspath(path)))
+    return ParentInfo(guid, relative, absolute)
+
+
+class VhdxFormat(Format):
+    name = "vhdx"
+    capabilities = Capabilities(read=True, write=True, backing=True)
+    create_options = CREATE_OPTIONS
+
+    @classmethod
+    def probe(cls, head: bytes, file_size: int) -> int:
+        return 100 if head[:8] == S.FILE_SIGNATURE else 0
+
+    @classmethod
+    def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        return VhdxReader(path, options)
+
+    @classmethod
+    def inspect(cls, src: ByteSource) -> FormatFacts:
+        return inspect_vhdx(src)
+
+    @classmethod
+    def create(cls, path: str, size: int, options: Mapping[str, str],
+               backing: BackingRef | None = None, backing_size: int | None = None) -> ImageWriter:
+        opts = dict(options)
+        check_create_options("vhdx", opts, CREATE_OPTIONS, backing, has_backing=True)
+        if backing is None and opts.get("backing_file"):
+            backing = BackingRef(opts["backing_file"], opts.get("backing_fmt"))
+        sub = opts.get("subformat", "dynamic")
+        if sub not in ("dynamic", "fixed"):
+            raise OptionError(f"invalid subformat '{sub}'", option="subformat",
+                              hint="use dynamic or fixed (a backing file makes a differencing disk)")
+        if sub == "fixed" and backing is not None:
+            raise OptionError("a differencing VHDX cannot be fixed", option="subformat")
+        size = -(-size // 512) * 512  # whole logical sectors (2.6.2.2), as qemu rounds
+        if size > S.MAX_VIRTUAL_SIZE:
+            raise OptionError("Image size too large; max of 64TB", option="size")
+        block_size = _size_option(opts, "block_size") or default_block_size(size)
+        if block_size % S.MiB or block_size & (block_size - 1) or block_size > S.BLOCK_SIZE_MAX:
+            raise OptionError(f"invalid block_size {block_size}", option="block_size",
+                              hint="a power of two from 1M to 256M")
+        log_size = _size_option(opts, "log_size")
+        log_size = S.MiB if log_size is None else log_size
+        if log_size < S.MiB or log_size % S.MiB or log_size >= 1 << 32:
+            raise OptionError(f"invalid log_size {log_size}", option="log_size",
+                              hint="a multiple of 1M below 4G")
+        zero_state = parse_flag("block_state_zero", opts.get("block_state_zero", "on"))
+        parent = _parent_info(path, backing, size) if backing is not None else None
+        return VhdxWriter(path, size, block_size=block_size, log_size=log_size,
+                          fixed=sub == "fixed", zero_state=zero_state, parent=parent)
+
+
+__all__ = ["VhdxFormat", "VhdxReader", "VhdxWriter", "default_block_size"]

@@ -1,0 +1,362 @@
+"""Reading fixed, dynamic and differencing VHDX files as extents.
+
+Every offset and count a header gives is checked against the file size and the
+specification's limits before anything is allocated. Payload blocks read as QEMU 7.2
+reads them (NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED: zeros; FULLY_PRESENT: stored
+data). A differencing disk's PARTIALLY_PRESENT blocks consult the sector bitmap:
+sectors whose bit is clear are UNALLOCATED here and come from the parent, as do
+NOT_PRESENT blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ...errors import (
+    BackingChainError,
+    CorruptImage,
+    LimitExceeded,
+    TruncatedImage,
+)
+from ...model import Extent, ExtentKind
+from ...model.check import CheckResult
+from ...model.info import BackingRef, ImageInfo
+from ..base import HostFile, ImageReader, OpenOptions
+from . import structs as S
+from .log import OverlayFile, find_active_sequence
+from .meta import Metadata, read_metadata, read_region_table
+
+#: BAT bytes held in memory: a 64 TiB disk in 1 MiB blocks needs 512 MiB; the BAT must
+#: also lie inside the file, so a small hostile file never makes us allocate much
+MAX_BAT_BYTES = 512 * S.MiB
+_BITMAP_CACHE = 4  # sector bitmap blocks (1 MiB each) kept decoded
+
+ZERO_STATES = (S.PAYLOAD_BLOCK_NOT_PRESENT, S.PAYLOAD_BLOCK_UNDEFINED, S.PAYLOAD_BLOCK_ZERO,
+               S.PAYLOAD_BLOCK_UNMAPPED, S.PAYLOAD_BLOCK_UNMAPPED_V095)
+
+
+def read_headers(host: Any) -> S.Header:
+    """The current header: the valid one with the higher sequence number (2.2.2).
+
+    Two valid headers with equal sequence numbers are accepted only when identical
+    (Disk2vhd writes them so), as QEMU does.
+    """
+    path = host.path
+    if host.size < S.HEADER_SECTION_SIZE:
+        raise TruncatedImage(f"file of {host.size} bytes is shorter than the 1 MiB VHDX "
+                             "header section", path=path, offset=0)
+    if host.pread(0, 8) != S.FILE_SIGNATURE:
+        raise CorruptImage("no 'vhdxfile' signature at offset 0", path=path, offset=0)
+    valid: list[tuple[S.Header, bytes]] = []
+    for at in (S.HEADER1_OFFSET, S.HEADER2_OFFSET):
+        raw = host.pread(at, S.HEADER_SIZE)
+        if not S.checksum_ok(raw):
+            continue
+        hdr = S.Header.unpack(raw)
+        if hdr.signature == S.HEADER_SIGNATURE and hdr.version == S.HEADER_VERSION:
+            valid.append((hdr, raw[:80]))
+    if not valid:
+        raise CorruptImage("no valid VHDX header found (both headers have a bad signature, "
+                           "version or CRC-32C)", path=path, offset=S.HEADER1_OFFSET)
+    if len(valid) == 2 and valid[0][0].sequence_number == valid[1][0].sequence_number:
+        if valid[0][1] != valid[1][1]:
+            raise CorruptImage("the two VHDX headers have the same sequence number but differ",
+                               path=path, offset=S.HEADER2_OFFSET)
+        return valid[0][0]
+    return max(valid, key=lambda v: v[0].sequence_number)[0]
+
+
+class VhdxReader(ImageReader):
+    format_name = "vhdx"
+
+    def __init__(self, path: str, options: OpenOptions | None = None) -> None:
+        opts = options or OpenOptions()
+        self.path = path
+        self.host_file = HostFile(path)
+        self.host: HostFile | OverlayFile = self.host_file
+        self.log_replayed = False
+        self.bat_errors: list[str] = []
+        try:
+            self._open(opts)
+        except BaseException:
+            self.host_file.close()
+            raise
+
+    def _open(self, opts: OpenOptions) -> None:
+        path = self.path
+        self.header = read_headers(self.host_file)
+        log = find_active_sequence(self.host_file, self.header)
+        if log:
+            if not opts.replay_log:
+                raise CorruptImage(
+                    "read-only open refused: the VHDX log needs replay", path=path,
+                    hint="pass --replay-log to replay it in memory (the file stays untouched), "
+                         "or replay it into the file with 'vmforge check -r all'")
+            overlay = OverlayFile(self.host_file)
+            overlay.apply(log)
+            self.host = overlay
+            self.log_replayed = True
+        host = self.host
+        log_region = (self.header.log_offset, self.header.log_length)
+        self.bat_region, self.meta_region = read_region_table(host, log_region)
+        self.meta: Metadata = read_metadata(host, self.meta_region)
+        m = self.meta
+        self.virtual_size = m.virtual_size
+        self.block_size = m.block_size
+        self.sector = m.logical_sector_size
+        self.ratio = S.chunk_ratio(m.block_size, m.logical_sector_size)
+        self.blocks, entries = S.bat_entry_count(m.virtual_size, m.block_size,
+                                                 m.logical_sector_size, m.has_parent)
+        nbytes = entries * 8
+        if nbytes > self.bat_region.length:
+            raise CorruptImage(f"the BAT region ({self.bat_region.length} bytes) is too small for "
+                               f"{entries} entries", path=path, offset=self.bat_region.file_offset)
+        if nbytes > MAX_BAT_BYTES:
+            raise LimitExceeded(f"a BAT of {nbytes} bytes is beyond {MAX_BAT_BYTES}", path=path,
+                                limit="bat_size")
+        self.bat = np.frombuffer(host.pread(self.bat_region.file_offset, nbytes), dtype="<u8")
+        self.regions = [(0, S.HEADER_SECTION_SIZE), log_region,
+                        (self.bat_region.file_offset, self.bat_region.length),
+                        (self.meta_region.file_offset, self.meta_region.length)]
+        # Found now, reported by check() (exit 2 as in qemu-img) and raised by any read:
+        # info still shows what the headers say about a damaged file.
+        self.bat_errors = self._check_bat()
+        self._bitmaps: OrderedDict[int, np.ndarray[Any, Any]] = OrderedDict()
+        self._bitmaps_lock = threading.Lock()  # copy workers share the reader
+        self.backing = self._choose_parent(opts) if m.has_parent else None
+
+    # -- consistency ---------------------------------------------------------------------
+
+    def _payload_entries(self) -> np.ndarray[Any, Any]:
+        idx = np.arange(self.blocks, dtype=np.int64)
+        return np.asarray(self.bat[idx + idx // self.ratio])
+
+    def _check_bat(self) -> list[str]:
+        """Problems with the BAT as QEMU's vhdx_check_bat_entries finds them, and more.
+
+        Present payload blocks must lie inside the file (the last one may be cut short)
+        and clear of the header, log, BAT and metadata regions; present sector bitmap
+        blocks must lie inside the file; PARTIALLY_PRESENT needs a parent.
+        """
+        errors: list[str] = []
+        payload = self._payload_entries()
+        states = payload & S.BAT_STATE_MASK
+        offsets = payload & S.BAT_FILE_OFFSET_MASK
+        size = self.host.size
+        present = np.flatnonzero((states == S.PAYLOAD_BLOCK_FULLY_PRESENT)
+                                 | (states == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
+        if not self.meta.has_parent:
+            partial = np.flatnonzero(states == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+            if partial.size:
+                errors.append(f"BAT entry {int(partial[0])} is PARTIALLY_PRESENT in a disk "
+                              "without a parent")
+        bad_state = np.flatnonzero(states == 4)
+        if bad_state.size:
+            errors.append(f"BAT entry {int(bad_state[0])} has the undefined state 4")
+        off = offsets[present].astype(np.int64)
+        idx = present.astype(np.int64)
+        length = np.minimum(self.block_size, self.virtual_size - idx * self.block_size)
+        past = (off >= size) | (off < S.HEADER_SECTION_SIZE)
+        cut = ~past & (off + length > size)
+        overlap = np.zeros(len(off), dtype=bool)
+        for r0, rl in self.regions[1:]:
+            if rl == 0:
+                continue
+            overlap |= (off < r0 + rl) & (r0 < off + self.block_size)
+        overlap &= ~(past | cut)
+        for i, o in zip(idx[past].tolist(), off[past].tolist(), strict=True):
+            errors.append(f"BAT entry {i} start offset {o} points outside the file "
+                          f"({size} bytes); the image has probably been truncated")
+        for i, o, n in zip(idx[cut].tolist(), off[cut].tolist(), length[cut].tolist(),
+                           strict=True):
+            errors.append(f"BAT entry {i} end offset {o + n - 1} points after the end of the "
+                          f"file ({size} bytes); the image has probably been truncated")
+        for i, o in zip(idx[overlap].tolist(), off[overlap].tolist(), strict=True):
+            errors.append(f"BAT entry {i} (block at {o}) overlaps VHDX metadata")
+        if self.meta.has_parent:
+            chunks = -(-self.blocks // self.ratio)
+            for c in range(chunks):
+                e = int(self.bat[S.sb_index(c, self.ratio)])
+                if e & S.BAT_STATE_MASK == S.SB_BLOCK_PRESENT:
+                    sb = e & S.BAT_FILE_OFFSET_MASK
+                    if sb < S.HEADER_SECTION_SIZE or sb + S.SECTOR_BITMAP_SIZE > size:
+                        errors.append(f"sector bitmap of chunk {c} at {sb} lies outside the file")
+        return errors
+
+    def check(self) -> CheckResult:
+        result = CheckResult(filename=self.path, format="vhdx")
+        result.corruptions = len(self.bat_errors)
+        result.messages = list(self.bat_errors)
+        return result
+
+    # -- differencing ------------------------------------------------------------------------
+
+    def _choose_parent(self, opts: OpenOptions) -> BackingRef:
+        """The parent named by the locator: relative_path, else a usable absolute path."""
+        loc = self.meta.parent_locator
+        assert loc is not None
+        candidates: list[str] = []
+        rel = loc.entries.get("relative_path")
+        if rel:
+            name = rel.replace("\\", "/")
+            while name.startswith("./"):
+                name = name[2:]
+            if name and not os.path.isabs(name) and ":" not in name.split("/")[0]:
+                candidates.append(name)
+        absolute = loc.entries.get("absolute_win32_path")
+        if absolute:
+            name = absolute.replace("\\", "/")
+            # a drive letter or a \\?\ volume name means nothing on this host
+            if name.startswith("/") and not name.startswith("//") and ":" not in name:
+                candidates.append(name)
+        if not candidates:
+            raise BackingChainError(
+                f"{self.path}: the parent locator names no parent usable on this host "
+                f"({absolute or 'no path'})", path=self.path,
+                hint="put the parent beside the child and keep its relative_path")
+        if not opts.untrusted:
+            directory = os.path.dirname(self.path)
+            for name in candidates:
+                if os.path.exists(os.path.join(directory, name)):
+                    return BackingRef(name, "vhdx")
+        return BackingRef(candidates[0], "vhdx")
+
+    @property
+    def parent_linkage(self) -> str | None:
+        loc = self.meta.parent_locator
+        return None if loc is None else loc.entries.get("parent_linkage")
+
+    def verify_parent(self, parent: Any) -> None:
+        """The parent must be a VHDX whose DataWriteGuid is the locator's parent_linkage."""
+        if not isinstance(parent, VhdxReader):
+            raise BackingChainError(f"{self.path}: the parent {parent.path} is not a VHDX file",
+                                    path=self.path)
+        loc = self.meta.parent_locator
+        assert loc is not None
+        want = [S.parse_guid_str(loc.entries.get(k, "")) for k in ("parent_linkage",
+                                                                   "parent_linkage2")]
+        have = parent.header.data_write_guid
+        if have not in [w for w in want if w is not None and w != S.ZERO_GUID]:
+            raise BackingChainError(
+                f"{self.path}: parent {parent.path} has DataWriteGuid {S.guid_str(have)} but the "
+                f"parent locator expects {loc.entries.get('parent_linkage')}", path=self.path,
+                hint="the parent was modified or replaced after the child was made")
+        if parent.virtual_size != self.virtual_size:
+            raise BackingChainError(
+                f"{self.path}: parent {parent.path} is {parent.virtual_size} bytes, the child "
+                f"{self.virtual_size}", path=self.path)
+
+    def _sector_bitmap(self, chunk: int) -> np.ndarray[Any, Any]:
+        """Bit per sector of ``chunk`` (True: the sector is in this file)."""
+        with self._bitmaps_lock:
+            bits = self._bitmaps.get(chunk)
+            if bits is not None:
+                self._bitmaps.move_to_end(chunk)
+                return bits
+        e = int(self.bat[S.sb_index(chunk, self.ratio)])
+        if e & S.BAT_STATE_MASK != S.SB_BLOCK_PRESENT:
+            raise CorruptImage(f"a PARTIALLY_PRESENT block in chunk {chunk} has no sector bitmap",
+                               path=self.path)
+        raw = self.host.pread(e & S.BAT_FILE_OFFSET_MASK, S.SECTOR_BITMAP_SIZE)
+        # 2.4.2: bit n of the block (LSB first within each byte) is sector n of the chunk
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little").astype(bool)
+        with self._bitmaps_lock:
+            self._bitmaps[chunk] = bits
+            if len(self._bitmaps) > _BITMAP_CACHE:
+                self._bitmaps.popitem(last=False)
+        return bits
+
+    # -- extents ---------------------------------------------------------------------------
+
+    def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
+        end = min(start + length, self.virtual_size)
+        if start >= end:
+            return
+        if self.bat_errors:
+            raise CorruptImage(self.bat_errors[0], path=self.path,
+                               hint="'vmforge check' lists every damaged BAT entry")
+        bs = self.block_size
+        absent = ExtentKind.UNALLOCATED if self.meta.has_parent else ExtentKind.ZERO
+        first, last = start // bs, (end - 1) // bs
+        idx = np.arange(first, last + 1, dtype=np.int64)
+        entries = self.bat[idx + idx // self.ratio]
+        states = (entries & S.BAT_STATE_MASK).astype(np.int64)
+        # consecutive blocks of the same state collapse into one run (never read the BAT twice)
+        cut = np.flatnonzero(np.diff(states)) + 1
+        bounds = [0, *cut.tolist(), len(states)]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            state = int(states[a])
+            r_start = max(start, (first + a) * bs)
+            r_end = min(end, (first + b) * bs)
+            if state == S.PAYLOAD_BLOCK_NOT_PRESENT:
+                yield Extent(r_start, r_end - r_start, absent)
+            elif state in ZERO_STATES:
+                yield Extent(r_start, r_end - r_start, ExtentKind.ZERO)
+            elif state == S.PAYLOAD_BLOCK_FULLY_PRESENT:
+                for blk in range(first + a, first + b):
+                    yield from self._present(blk, r_start, r_end, int(entries[blk - first]))
+            elif state == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                for blk in range(first + a, first + b):
+                    yield from self._partial(blk, r_start, r_end, int(entries[blk - first]))
+            else:
+                raise CorruptImage(f"BAT entry of block {first + a} has invalid state {state}",
+                                   path=self.path)
+
+    def _present(self, blk: int, lo: int, hi: int, entry: int) -> Iterator[Extent]:
+        g0 = max(lo, blk * self.block_size)
+        g1 = min(hi, (blk + 1) * self.block_size)
+        host = (entry & S.BAT_FILE_OFFSET_MASK) + g0 - blk * self.block_size
+        # a last block cut short by the end of the file reads zeros past it (as in qemu)
+        stored = max(0, min(g1 - g0, self.host.size - host))
+        if stored:
+            yield Extent(g0, stored, ExtentKind.DATA, host_offset=host)
+        if stored < g1 - g0:
+            yield Extent(g0 + stored, g1 - g0 - stored, ExtentKind.ZERO)
+
+    def _partial(self, blk: int, lo: int, hi: int, entry: int) -> Iterator[Extent]:
+        g0 = max(lo, blk * self.block_size)
+        g1 = min(hi, (blk + 1) * self.block_size)
+        sec = self.sector
+        spb = self.block_size // sec
+        chunk, within = divmod(blk, self.ratio)
+        bits = self._sector_bitmap(chunk)[within * spb:(within + 1) * spb]
+        s0, s1 = (g0 - blk * self.block_size) // sec, -(-(g1 - blk * self.block_size) // sec)
+        sub = bits[s0:s1]
+        cut = np.flatnonzero(np.diff(sub.astype(np.int8))) + 1
+        bounds = [0, *cut.tolist(), len(sub)]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            e0 = max(g0, blk * self.block_size + (s0 + a) * sec)
+            e1 = min(g1, blk * self.block_size + (s0 + b) * sec)
+            if sub[a]:
+                yield from self._present(blk, e0, e1, entry)
+            else:
+                yield Extent(e0, e1 - e0, ExtentKind.UNALLOCATED)
+
+    def read_host(self, extent: Extent, buf: memoryview) -> None:
+        assert extent.host_offset is not None
+        self.host.preadinto(buf, extent.host_offset)
+
+    def info(self) -> ImageInfo:
+        info = ImageInfo(filename=self.path, format="vhdx", virtual_size=self.virtual_size,
+                         actual_size=self.host_file.allocated, cluster_size=self.block_size)
+        if self.backing is not None:
+            info.backing_filename = self.backing.filename
+            info.full_backing_filename = os.path.join(os.path.dirname(self.path),
+                                                      self.backing.filename)
+            info.backing_format = "vhdx"
+        if self.meta.parent_locator is not None:
+            data = {k.replace("_", "-"): v for k, v in self.meta.parent_locator.entries.items()}
+            info.format_specific = {"type": "vhdx", "data": data}
+        return info
+
+    def close(self) -> None:
+        self.host.close()
+
+
+__all__ = ["VhdxReader", "read_headers"]
