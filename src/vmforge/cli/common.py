@@ -10,6 +10,15 @@ from typing import Any
 from ..errors import OptionError, UsageError
 from ..model import parse_size
 
+Sub = Any  # argparse's _SubParsersAction is private
+
+
+def command(sub: Sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with its examples, laid out as written."""
+    return sub.add_parser(  # type: ignore[no-any-return]
+        name, help=help_text, description=help_text, epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
 
 class CommandFailed(Exception):
     """Raised after a command has printed its own error; carries the exit code."""

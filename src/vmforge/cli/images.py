@@ -17,20 +17,12 @@ from ..formats import list_formats
 from ..model import human_size
 from ..model.check import EXIT_UNSUPPORTED, CheckResult
 from ..model.info import ImageInfo
-from .common import CommandFailed, add_output, add_safety, die, parse_o, print_json, size_arg
+from .common import CommandFailed, Sub, add_output, add_safety, command, die, parse_o, print_json, size_arg
 from .progress import progress_bar
-
-Sub = Any  # argparse's _SubParsersAction is private
-
-
-def _cmd(sub: Sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(  # type: ignore[no-any-return]
-        name, help=help_text, description=help_text, epilog="examples:\n" + examples,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def register(sub: Sub) -> None:
-    p = _cmd(sub, "info", "show what an image is: format, sizes, backing file, snapshots",
+    p = command(sub, "info", "show what an image is: format, sizes, backing file, snapshots",
              "  vmforge info disk.qcow2\n  vmforge info --output=json --backing-chain vm1.qcow2\n")
     p.add_argument("-f", dest="fmt", help="image format (probed when omitted)")
     add_output(p)
@@ -39,7 +31,7 @@ def register(sub: Sub) -> None:
     p.add_argument("filename")
     p.set_defaults(func=cmd_info)
 
-    p = _cmd(sub, "create", "create a new image (empty, or an overlay on a backing file)",
+    p = command(sub, "create", "create a new image (empty, or an overlay on a backing file)",
              "  vmforge create -f qcow2 disk.qcow2 20G\n"
              "  vmforge create -f qcow2 -o cluster_size=2M,lazy_refcounts=on big.qcow2 1T\n"
              "  vmforge create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n"
@@ -53,7 +45,7 @@ def register(sub: Sub) -> None:
     p.add_argument("size", nargs="?", type=size_arg, help="virtual size: 10G, 512M, 1T, bytes")
     p.set_defaults(func=cmd_create)
 
-    p = _cmd(sub, "convert", "convert one or more images into a new image of any format",
+    p = command(sub, "convert", "convert one or more images into a new image of any format",
              "  vmforge convert -p -O qcow2 disk.raw disk.qcow2\n"
              "  vmforge convert -O raw disk.qcow2 disk.raw\n"
              "  vmforge convert -c -O qcow2 -o compression_type=zstd disk.raw small.qcow2\n"
@@ -81,7 +73,7 @@ def register(sub: Sub) -> None:
                         "streamOptimized VMDK only)")
     p.set_defaults(func=cmd_convert)
 
-    p = _cmd(sub, "compare", "compare what two images show a guest (exit 0 same, 1 differ, 2 error)",
+    p = command(sub, "compare", "compare what two images show a guest (exit 0 same, 1 differ, 2 error)",
              "  vmforge compare disk.raw disk.qcow2\n  vmforge compare -s a.qcow2 b.qcow2\n")
     p.add_argument("-f", dest="fmt_a", help="format of the first image")
     p.add_argument("-F", dest="fmt_b", help="format of the second image")
@@ -93,7 +85,7 @@ def register(sub: Sub) -> None:
     p.add_argument("second")
     p.set_defaults(func=cmd_compare)
 
-    p = _cmd(sub, "map", "show where the guest's data lives (qemu-img map)",
+    p = command(sub, "map", "show where the guest's data lives (qemu-img map)",
              "  vmforge map disk.qcow2\n  vmforge map --output=json vm1.qcow2\n")
     p.add_argument("-f", dest="fmt", help="image format")
     add_output(p)
@@ -101,7 +93,7 @@ def register(sub: Sub) -> None:
     p.add_argument("filename")
     p.set_defaults(func=cmd_map)
 
-    p = _cmd(sub, "check", "check image metadata (exit 0 clean, 1 incomplete, 2 corrupt, 3 leaks)",
+    p = command(sub, "check", "check image metadata (exit 0 clean, 1 incomplete, 2 corrupt, 3 leaks)",
              "  vmforge check disk.qcow2\n  vmforge check --output=json disk.qcow2\n")
     p.add_argument("-f", dest="fmt", help="image format")
     add_output(p)
@@ -112,7 +104,7 @@ def register(sub: Sub) -> None:
     p.add_argument("filename")
     p.set_defaults(func=cmd_check)
 
-    p = _cmd(sub, "measure", "how large an image would be in another format",
+    p = command(sub, "measure", "how large an image would be in another format",
              "  vmforge measure -O qcow2 --size 100G\n  vmforge measure -O qcow2 disk.raw\n")
     p.add_argument("-f", dest="fmt", help="source format")
     p.add_argument("-O", dest="out_fmt", default="raw", help="target format (default raw)")
@@ -124,7 +116,7 @@ def register(sub: Sub) -> None:
     p.add_argument("filename", nargs="?")
     p.set_defaults(func=cmd_measure)
 
-    p = _cmd(sub, "formats", "list the formats vmforge reads and writes, with their options",
+    p = command(sub, "formats", "list the formats vmforge reads and writes, with their options",
              "  vmforge formats\n  vmforge formats --output=json\n")
     add_output(p)
     p.set_defaults(func=cmd_formats)

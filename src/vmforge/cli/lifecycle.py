@@ -6,24 +6,15 @@ resize, commit, rebase, dd, clone, overlay (snapshot and amend live in snapshots
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from .. import ops
 from ..errors import UsageError
-from .common import parse_o, size_arg
+from .common import Sub, command, parse_o, size_arg
 from .progress import progress_bar
-
-Sub = Any  # argparse's _SubParsersAction is private
-
-
-def _cmd(sub: Sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(  # type: ignore[no-any-return]
-        name, help=help_text, description=help_text, epilog="examples:\n" + examples,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def register(sub: Sub) -> None:
-    p = _cmd(sub, "resize", "grow or shrink an image's virtual disk in place",
+    p = command(sub, "resize", "grow or shrink an image's virtual disk in place",
              "  vmforge resize disk.qcow2 +10G\n  vmforge resize disk.raw 20G\n"
              "  vmforge resize --shrink disk.qcow2 8G     refused if data lies past 8G\n")
     p.add_argument("-f", dest="fmt", help="image format (probed when omitted)")
@@ -36,7 +27,7 @@ def register(sub: Sub) -> None:
     p.add_argument("size", help="new size (10G) or a change (+1G, -512M)")
     p.set_defaults(func=cmd_resize)
 
-    p = _cmd(sub, "commit", "write an overlay's changes into its backing file",
+    p = command(sub, "commit", "write an overlay's changes into its backing file",
              "  vmforge commit vm1.qcow2               into the backing file, then empty vm1\n"
              "  vmforge commit -d vm1.qcow2            keep vm1's data as it is\n"
              "  vmforge commit -b base.qcow2 top.qcow2 into a deeper image of the chain\n")
@@ -49,7 +40,7 @@ def register(sub: Sub) -> None:
     p.add_argument("filename")
     p.set_defaults(func=cmd_commit)
 
-    p = _cmd(sub, "rebase", "change an overlay's backing file, keeping what the guest sees",
+    p = command(sub, "rebase", "change an overlay's backing file, keeping what the guest sees",
              "  vmforge rebase -b new-base.qcow2 -F qcow2 vm1.qcow2\n"
              "  vmforge rebase -u -b moved/base.qcow2 -F qcow2 vm1.qcow2   rename only\n"
              "  vmforge rebase -b '' vm1.qcow2          flatten: no backing file left\n")
@@ -63,7 +54,7 @@ def register(sub: Sub) -> None:
     p.add_argument("filename")
     p.set_defaults(func=cmd_rebase)
 
-    p = _cmd(sub, "dd", "copy part of an image into a new image (qemu-img dd)",
+    p = command(sub, "dd", "copy part of an image into a new image (qemu-img dd)",
              "  vmforge dd if=disk.qcow2 of=mbr.raw bs=512 count=1\n"
              "  vmforge dd -O qcow2 if=disk.raw of=tail.qcow2 bs=1M skip=100\n")
     p.add_argument("-f", dest="fmt", help="input format (probed when omitted)")
@@ -74,11 +65,11 @@ def register(sub: Sub) -> None:
 
     for linked_only in (False, True):
         if linked_only:
-            p = _cmd(sub, "overlay", "create an overlay (differencing disk) on a base image",
+            p = command(sub, "overlay", "create an overlay (differencing disk) on a base image",
                      "  vmforge overlay golden.qcow2 vm1.qcow2\n"
                      "  vmforge overlay -O vpc golden.vhd vm1.vhd\n")
         else:
-            p = _cmd(sub, "clone", "a new VM disk from a golden image: linked or full copy",
+            p = command(sub, "clone", "a new VM disk from a golden image: linked or full copy",
                      "  vmforge clone --linked golden.qcow2 vm1.qcow2   an overlay, nothing copied\n"
                      "  vmforge clone --full golden.qcow2 vm2.qcow2     an independent copy\n")
             mode = p.add_mutually_exclusive_group(required=True)

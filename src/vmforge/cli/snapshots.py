@@ -15,20 +15,12 @@ from ..errors import UnsupportedFeature
 from ..model import human_size
 from ..model.check import EXIT_UNSUPPORTED, CheckResult
 from ..model.info import SnapshotInfo
-from .common import die, parse_o, print_json
+from .common import Sub, command, die, parse_o, print_json
 from .images import render_check
-
-Sub = Any  # argparse's _SubParsersAction is private
-
-
-def _cmd(sub: Sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(  # type: ignore[no-any-return]
-        name, help=help_text, description=help_text, epilog="examples:\n" + examples,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def register(sub: Sub) -> None:
-    p = _cmd(sub, "snapshot", "list, create, apply or delete internal snapshots (qcow2)",
+    p = command(sub, "snapshot", "list, create, apply or delete internal snapshots (qcow2)",
              "  vmforge snapshot -l disk.qcow2\n"
              "  vmforge snapshot -c before-upgrade disk.qcow2\n"
              "  vmforge snapshot -a before-upgrade disk.qcow2   revert the disk to it\n"
@@ -45,7 +37,7 @@ def register(sub: Sub) -> None:
     p.add_argument("filename")
     p.set_defaults(func=cmd_snapshot)
 
-    p = _cmd(sub, "amend", "change options of an existing image in place (qcow2)",
+    p = command(sub, "amend", "change options of an existing image in place (qcow2)",
              "  vmforge amend -o compat=0.10 disk.qcow2        downgrade to version 2\n"
              "  vmforge amend -o refcount_bits=64 disk.qcow2\n"
              "  vmforge amend -o lazy_refcounts=on disk.qcow2\n")

@@ -7,12 +7,12 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ..engine.copy import ChainSource, ConcatSource, CopyStats, Progress, Source, copy
-from ..errors import OutputError, UnsupportedFeature, UsageError
+from ..errors import UnsupportedFeature, UsageError
 from ..formats import Format, ImageWriter, get_format
 from ..model import align_up
 from .create import backing_ref
 from .image import Image, open_image
-from .output import atomic_output
+from .output import atomic_output, finishing
 
 
 def convert(
@@ -128,15 +128,7 @@ def _run(source: Source, writer: ImageWriter, dest: str, *, explicit_zeroes: boo
          sparse_size: int, compress: bool, workers: int | None,
          progress: Progress | None) -> CopyStats:
     """Copy and finish the writer; abort it on any failure."""
-    try:
-        stats = copy(source, writer, explicit_zeroes=explicit_zeroes, sparse=sparse_size > 0,
-                     sparse_size=max(sparse_size, 512), compress=compress, workers=workers,
-                     progress=progress)
-        writer.finish()
-    except OSError as err:
-        writer.abort()
-        raise OutputError(f"{dest}: write failed: {err.strerror or err}") from err
-    except BaseException:
-        writer.abort()
-        raise
-    return stats
+    with finishing(writer, dest):
+        return copy(source, writer, explicit_zeroes=explicit_zeroes, sparse=sparse_size > 0,
+                    sparse_size=max(sparse_size, 512), compress=compress, workers=workers,
+                    progress=progress)

@@ -9,7 +9,7 @@ from ..errors import UsageError
 from ..formats import BackingRef, get_format
 from ..model import align_up
 from .image import open_image
-from .output import atomic_output
+from .output import atomic_output, finishing
 
 
 def backing_ref(backing: str | None, backing_fmt: str | None, dest: str,
@@ -51,10 +51,6 @@ def create(path: str, fmt: str, size: int | None = None, options: Mapping[str, s
             raise UsageError("an image size is needed", hint="add a size such as 10G")
         size = backing_size
     size = align_up(size, 512)  # qemu-img rounds every new image up to whole sectors
-    with atomic_output(path) as tmp:
-        writer = format_cls.create(tmp, size, opts, ref, backing_size)
-        try:
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+    with atomic_output(path) as tmp, \
+            finishing(format_cls.create(tmp, size, opts, ref, backing_size), path):
+        pass  # an empty image is complete once its metadata is written

@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..formats import get_format
 from ..model import Extent, align_up
 from .image import open_image
-from .output import atomic_output
+from .output import atomic_output, finishing
 
 
 class WindowSource:
@@ -62,12 +62,7 @@ def dd(src: str, dest: str, *, bs: int = 512, count: int | None = None, skip: in
         if count is not None:
             length = min(length, count * bs)
         source = WindowSource(ChainSource(img.chain), start, length)
-        with atomic_output(dest) as tmp:
-            writer = format_cls.create(tmp, align_up(length, 512), {}, None, None)
-            try:
-                stats = copy(source, writer, explicit_zeroes=False)
-                writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
-    return stats
+        with atomic_output(dest) as tmp, \
+                finishing(format_cls.create(tmp, align_up(length, 512), {}, None, None),
+                          dest) as writer:
+            return copy(source, writer, explicit_zeroes=False)

@@ -10,10 +10,11 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from ..errors import ImageNotFound, OutputError, ReadOnlyImage
+from ..errors import ImageNotFound, ReadOnlyImage
 from ..formats import ImageWriter, get_format
 from ..formats.base import ImageReader
 from ..model import ExtentKind
+from .output import finishing
 
 
 def require_writable(path: str) -> None:
@@ -29,16 +30,8 @@ def require_writable(path: str) -> None:
 def edit_image(path: str, fmt: str) -> Iterator[ImageWriter]:
     """The format's writer on the existing image ``path``; finished when the block succeeds."""
     require_writable(path)
-    writer = get_format(fmt).open_for_write(path)
-    try:
+    with finishing(get_format(fmt).open_for_write(path), path) as writer:
         yield writer
-        writer.finish()
-    except OSError as err:
-        writer.abort()
-        raise OutputError(f"{path}: write failed: {err.strerror or err}") from err
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def own_data_ranges(layer: ImageReader, start: int, length: int) -> Iterator[tuple[int, int]]:

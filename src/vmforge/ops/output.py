@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 
 from ..errors import OutputError
+from ..formats.base import ImageWriter
 from ..util.companions import tracking
 
 
@@ -50,4 +51,22 @@ def atomic_output(dest: str) -> Iterator[str]:
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def finishing(writer: ImageWriter, name: str) -> Iterator[ImageWriter]:
+    """Finish ``writer`` when the block succeeds; abort it on any failure.
+
+    An OSError while writing becomes OutputError naming ``name`` (a full disk is the
+    user's problem to solve, not a vmforge bug).
+    """
+    try:
+        yield writer
+        writer.finish()
+    except OSError as err:
+        writer.abort()
+        raise OutputError(f"{name}: write failed: {err.strerror or err}") from err
+    except BaseException:
+        writer.abort()
         raise

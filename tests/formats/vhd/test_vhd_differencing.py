@@ -365,7 +365,9 @@ def test_untrusted_refuses_without_looking(base_vhd, tmp_path, monkeypatch):
     child = _two_layer(base_vhd, tmp_path)
     proc = run_vmforge("convert", "--untrusted", "-O", "raw", child, tmp_path / "o.raw")
     assert_clean_error(proc, contains="untrusted")
-    assert vmforge_json("info", "--untrusted", child)["backing-filename"] == "base.vhd"
+    # info refuses too (any reference is refused in untrusted mode); inspect names it
+    assert_clean_error(run_vmforge("info", "--untrusted", child), contains="untrusted")
+    assert vmforge_json("info", child)["backing-filename"] == "base.vhd"
     # the locators are not even looked up in untrusted mode
     import vmforge.formats.vhd.parent as parent_mod
 
