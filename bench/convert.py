@@ -185,6 +185,8 @@ CASES: list[Case] = [
     Case("raw-vpc", "raw → vpc (dynamic VHD)", "mixed", "vpc"),
     Case("raw-vpc-fixed", "raw → vpc fixed", "mixed", "vpc", ("-o", "subformat=fixed")),
     Case("raw-vdi", "raw → vdi", "mixed", "vdi"),
+    Case("raw-vmdk", "raw → vmdk (monolithicSparse)", "mixed", "vmdk"),
+    Case("raw-vhdx", "raw → vhdx (dynamic)", "mixed", "vhdx"),
     Case("raw-vmdk-stream", "raw → vmdk streamOptimized", "mixed", "vmdk",
          ("-o", "subformat=streamOptimized")),
     Case("qcow2-vmdk-stream-pipe", "qcow2 → vmdk streamOptimized, vmforge to a pipe "
