@@ -12,7 +12,7 @@ from ..formats import Format, ImageWriter, get_format
 from ..model import align_up
 from .create import backing_ref
 from .image import Image, open_image
-from .output import atomic_output, finishing
+from .output import atomic_output, finishing, require_probes_as
 
 
 def convert(
@@ -103,6 +103,7 @@ def convert(
                 stats = _run(source, writer, dest, explicit_zeroes=ref is not None,
                              sparse_size=sparse_size, compress=compress, workers=workers,
                              progress=progress)
+                require_probes_as(tmp, format_cls.name, dest)
     return stats
 
 

@@ -7,8 +7,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from ..errors import OutputError
+from ..errors import AmbiguousFormat, OutputError
 from ..formats.base import ImageWriter
+from ..formats.registry import detect_format
 from ..util.companions import tracking
 
 
@@ -70,3 +71,19 @@ def finishing(writer: ImageWriter, name: str) -> Iterator[ImageWriter]:
     except BaseException:
         writer.abort()
         raise
+
+
+def require_probes_as(path: str, fmt: str, dest: str) -> None:
+    """Refuse an output that a later probe would take for another format (SECURITY.md
+    row 19): a raw disk whose guest wrote a qcow2 or VMDK header into its first sector
+    would otherwise turn into that format, backing file and all, when someone opens it
+    without naming the format (OSSA-2024-002)."""
+    try:
+        found = detect_format(path).name
+    except AmbiguousFormat:
+        found = "more than one format"
+    if found != fmt:
+        raise OutputError(
+            f"{dest}: the {fmt} output would be probed as {found} (its data starts with a "
+            f"{found} header)", hint="write it in a format with a header of its own, such as "
+            "qcow2, or always open it with an explicit format")

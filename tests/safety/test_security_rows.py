@@ -1,0 +1,72 @@
+"""SECURITY.md rows not owned by one format's tests: 19 (an output that would probe as
+another format) and 27 (a guest that wrote an image header into its own raw disk).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.data.qemu import qemu_img
+from tests.helpers import assert_clean_error, run_vmforge, vmforge_ok
+
+
+@pytest.fixture
+def raw_disk_with_qcow2_header(tmp_path: Path) -> Path:
+    """A raw disk whose guest wrote a qcow2 header naming /etc/passwd at its start."""
+    header = tmp_path / "header.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", "-u", header, "1M")
+    disk = tmp_path / "guest.raw"
+    disk.write_bytes(header.read_bytes())
+    os.truncate(disk, 4 << 20)
+    return disk
+
+
+@pytest.fixture
+def opened() -> Iterator[list[str]]:
+    seen: list[str] = []
+    active = [True]
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        if active[0] and event == "open" and isinstance(args[0], (str, bytes)):
+            seen.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)
+    yield seen
+    active[0] = False
+
+
+def test_row19_raw_output_that_would_probe_as_qcow2_is_refused(
+        raw_disk_with_qcow2_header: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.raw"
+    proc = run_vmforge("convert", "-f", "raw", "-O", "raw", raw_disk_with_qcow2_header, out)
+    assert_clean_error(proc, contains="would be probed as qcow2")
+    assert not out.exists() and not list(tmp_path.glob(".out.raw*"))
+    # the same disk in a format with its own header is fine, and reads back as raw bytes
+    vmforge_ok("convert", "-f", "raw", "-O", "qcow2", raw_disk_with_qcow2_header,
+               tmp_path / "out.qcow2")
+    back = tmp_path / "back.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", tmp_path / "out.qcow2", back)
+    assert back.read_bytes() == raw_disk_with_qcow2_header.read_bytes()
+
+
+def test_row27_recorded_raw_backing_is_never_reprobed(raw_disk_with_qcow2_header: Path,
+                                                      tmp_path: Path, opened: list[str]) -> None:
+    overlay = tmp_path / "vm.qcow2"
+    vmforge_ok("create", "-q", "-f", "qcow2", "-b", raw_disk_with_qcow2_header.name, "-F", "raw",
+               overlay, cwd=tmp_path)
+    out = tmp_path / "flat.qcow2"
+    opened.clear()
+    vmforge_ok("convert", "-O", "qcow2", overlay, out)
+    assert "/etc/passwd" not in opened, "the guest's fake header was followed"
+    back = tmp_path / "back.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", out, back)
+    assert back.read_bytes() == raw_disk_with_qcow2_header.read_bytes()
+    # untrusted mode goes further: a file named raw that carries a header is refused
+    proc = run_vmforge("convert", "--untrusted", "-f", "raw", "-O", "qcow2",
+                       raw_disk_with_qcow2_header, tmp_path / "x.qcow2")
+    assert_clean_error(proc, contains="named raw but the file is qcow2")
