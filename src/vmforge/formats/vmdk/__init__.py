@@ -3,7 +3,8 @@
 Read: monolithicSparse, monolithicFlat, twoGbMaxExtentSparse/Flat, streamOptimized,
 vmfs/vmfsSparse, seSparse (through its descriptor) and deltas with a parent
 (parentFileNameHint + parentCID). Write: monolithicSparse (default), monolithicFlat
-and twoGbMaxExtent* here; streamOptimized in stream_writer.py.
+and twoGbMaxExtent* here; streamOptimized in stream_writer.py. In place (resize,
+commit, rebase): the same four subformats, in inplace.py and sparse_edit.py.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ class VmdkFormat(Format):
         from .writer import create_vmdk_stream
 
         return create_vmdk_stream(fd, size, options, CREATE_OPTIONS)
+
+    @classmethod
+    def open_for_write(cls, path: str) -> ImageWriter:
+        """monolithicSparse, monolithicFlat or twoGbMaxExtent* opened to be changed in
+        place (inplace.py); streamOptimized and the ESX types are refused."""
+        from .inplace import open_vmdk_for_write
+
+        return open_vmdk_for_write(path)
 
 
 __all__ = ["VmdkFormat", "VmdkReader"]

@@ -268,3 +268,73 @@ def check_extent_name(name: str, path: str | None) -> None:
         raise CorruptImage(f"VMDK extent file name {shown!r} {why}; refused", path=path,
                            hint="extent files must sit beside the descriptor and be named "
                                 "plainly")
+
+
+def edit_descriptor(text: str, *, cid: int, parent_cid: int, parent_hint: str | None,
+                    extents: list[ExtentLine], cylinders: int | None) -> str:
+    """``text`` with the CIDs, parentFileNameHint, extent lines and geometry replaced.
+
+    Everything else (comments, ``encoding``, ``isNativeSnapshot``, ddb keys a tool of
+    another vendor wrote, their order and line ends) stays as it was: an in-place
+    edit must not lose what the image's maker put there. ``parent_hint`` None removes
+    the hint; an absent hint is inserted after createType (where qemu writes it).
+    """
+    newline = "\r\n" if "\r\n" in text else "\n"
+    lines = text.replace("\r\n", "\n").split("\n")
+    out: list[str] = []
+    extents_done = hint_done = False
+    rendered = [e.render() for e in extents]
+    for raw in lines:
+        line = raw.strip(" \t\r")
+        m = _EXTENT.match(line)
+        if m is not None and m.group("access") in ACCESS_MODES:
+            if not extents_done:
+                out.extend(rendered)
+                extents_done = True
+            continue
+        kv = _KEYVAL.match(line) if line and not line.startswith("#") else None
+        key = kv.group("key") if kv is not None else None
+        if key == "CID":
+            out.append(f"CID={cid:08x}")
+        elif key == "parentCID":
+            out.append(f"parentCID={parent_cid:08x}")
+        elif key == "parentFileNameHint":
+            if parent_hint is not None and not hint_done:
+                out.append(f'parentFileNameHint="{parent_hint}"')
+            hint_done = True
+        elif key == "ddb.geometry.cylinders" and cylinders is not None:
+            out.append(f'ddb.geometry.cylinders = "{cylinders}"')
+        elif key == "createType" and parent_hint is not None and \
+                not any(_is_key(x, "parentFileNameHint") for x in lines):
+            out.extend([raw, f'parentFileNameHint="{parent_hint}"'])
+            hint_done = True
+        elif line == "# Extent description" and not extents_done and \
+                not any(_is_extent(x) for x in lines):
+            out.extend([raw, *rendered])
+            extents_done = True
+        else:
+            out.append(raw)
+    return newline.join(out)
+
+
+def _is_key(raw: str, key: str) -> bool:
+    kv = _KEYVAL.match(raw.strip(" \t\r"))
+    return kv is not None and kv.group("key") == key
+
+
+def _is_extent(raw: str) -> bool:
+    m = _EXTENT.match(raw.strip(" \t\r"))
+    return m is not None and m.group("access") in ACCESS_MODES
+
+
+def geometry_cylinders(ddb: dict[str, str], size: int) -> int | None:
+    """ddb.geometry.cylinders for a disk of ``size`` bytes with the disk's own heads and
+    sectors per track, truncated as qemu computes it; None if the geometry is absent."""
+    try:
+        heads = int(ddb["ddb.geometry.heads"])
+        sectors = int(ddb["ddb.geometry.sectors"])
+    except (KeyError, ValueError):
+        return None
+    if "ddb.geometry.cylinders" not in ddb or heads <= 0 or sectors <= 0:
+        return None
+    return size // (heads * sectors * 512)
