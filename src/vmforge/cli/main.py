@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import UsageError, VmforgeError
-from . import images, lifecycle, safety, snapshots
+from . import images, lifecycle, packages, safety, snapshots, vm
 from .common import CommandFailed, die
 
 EPILOG = """\
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle.register(sub)
     snapshots.register(sub)
     safety.register(sub)
+    vm.register(sub)
+    packages.register(sub)
     return parser
 
 
@@ -68,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
+    if debug:  # shows each command vmforge runs (util.run logs them)
+        logging.basicConfig(level=logging.DEBUG, format="vmforge: debug: %(message)s")
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)

@@ -1,0 +1,142 @@
+"""Start a VM from an image: overlay, spec, QEMU, wait for the guest; and look VMs up.
+
+The base image is only ever read: the VM writes into a qcow2 overlay in its state
+directory (``ops.linked_clone``), so the base's checksum is unchanged by any session.
+The base's format is determined once here (probed, or as the caller states it) and
+recorded; in untrusted mode the base may not refer to any other file and QEMU is told
+explicitly not to open one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageNotFound, UsageError
+from ..model.hardware import Disk, VirtualHardware
+from ..ops.clone import linked_clone
+from ..ops.image import open_image
+from . import state as vmstate
+from .accel import Accel, choose_accel
+from .errors import GuestTimeout, MachineError
+from .machine import Machine, PinnedBase, build_command, find_qemu, sandbox_supported
+
+#: what a guest prints when it is up: our test guest's marker, or a login prompt
+DEFAULT_MARKERS = ("VMFORGE-GUEST-UP", "login:")
+
+
+@dataclass(frozen=True)
+class Started:
+    """The outcome of ``start``."""
+
+    name: str
+    state: vmstate.VmState
+    accel: Accel
+    qmp_seconds: float
+    marker: str | None
+    guest_seconds: float | None
+
+
+def start(image: str, hw: VirtualHardware, *, name: str | None = None,
+          image_format: str | None = None, untrusted: bool = False, accel: str | None = None,
+          markers: tuple[str, ...] = DEFAULT_MARKERS, wait: bool = True,
+          timeout: float = 180.0, root: Path | None = None) -> Started:
+    """Create the VM ``name`` on an overlay of ``image`` and boot it.
+
+    ``hw`` gives everything but the disk. Raises ImageNotFound/ImageError for the image,
+    UsageError for bad hardware, LaunchError when QEMU refuses, GuestTimeout when no
+    marker appears (the VM is then killed; its log stays for 'vmforge vm logs').
+    Nothing is left running and no state directory is left after a failed launch.
+    """
+    root = root or vmstate.state_root()
+    if not os.path.isfile(image):
+        raise ImageNotFound("no such file" if not os.path.exists(image) else "not a regular file",
+                            path=image)
+    for what, path in (("kernel", hw.kernel), ("initrd", hw.initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{path}: no such {what} file",
+                             hint=f"--{what} names a file on this host")
+    qemu = find_qemu()
+    hw.validate()
+    with open_image(image, image_format, untrusted=untrusted) as img:
+        base_format = img.format
+    chosen = choose_accel(qemu, accel, cache_dir=root)
+    name = vmstate.check_name(name) if name else vmstate.unique_name(Path(image).stem, root)
+    st = vmstate.create(name, root)
+    machine = Machine(st)
+    try:
+        overlay = st.overlay_path(0)
+        linked_clone(image, str(overlay), "qcow2", base_fmt=base_format, absolute=True,
+                     untrusted=untrusted)
+        hw = replace(hw, disks=(Disk(str(overlay), "qcow2"), *hw.disks))
+        pinned = {0: PinnedBase(os.path.abspath(image), base_format)} if untrusted else {}
+        argv = build_command(qemu, hw, st, chosen, pinned=pinned,
+                             sandbox=sandbox_supported(qemu))
+        st.write_spec({
+            "name": name, "hardware": hw.to_dict(), "base": os.path.abspath(image),
+            "base_format": base_format, "untrusted": untrusted, "accel": chosen.name,
+            "accel_reason": chosen.reason, "created": time.time(), "markers": list(markers),
+            "command": argv,
+        })
+        machine.launch(argv)
+    except BaseException:
+        machine.kill()
+        vmstate.remove(st)
+        raise
+    qmp_seconds = machine.qmp_ready_seconds or 0.0
+    if not wait:
+        return Started(name, st, chosen, qmp_seconds, None, None)
+    try:
+        marker, seconds = machine.wait_for_marker(markers, timeout)
+    except (GuestTimeout, BaseException):
+        machine.kill()
+        raise
+    return Started(name, st, chosen, qmp_seconds, marker, seconds + qmp_seconds)
+
+
+def describe_vm(st: vmstate.VmState) -> dict[str, Any]:
+    """What 'vm show' and 'vm list' print: the spec plus live status."""
+    spec = st.read_spec()
+    pid = st.pid()
+    hw = spec.get("hardware", {})
+    disks = [{"path": d["path"], "format": d["format"],
+              "bytes_on_disk": _used(d["path"])} for d in hw.get("disks", [])]
+    return {
+        "name": st.name, "status": "running" if pid else "stopped", "pid": pid,
+        "base": spec.get("base"), "base_format": spec.get("base_format"),
+        "untrusted": spec.get("untrusted", False), "accel": spec.get("accel"),
+        "accel_reason": spec.get("accel_reason"), "cpus": hw.get("cpus"),
+        "memory": hw.get("memory"), "disks": disks, "kernel": hw.get("kernel"),
+        "state_dir": str(st.dir), "qmp_socket": str(st.qmp_path) if pid else None,
+        "serial_log": str(st.serial_path),
+    }
+
+
+def _used(path: str) -> int | None:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return None
+
+
+def stop(name: str, *, timeout: float = 30.0, root: Path | None = None) -> str:
+    """Stop gracefully (ACPI, quit, kill); returns how it ended."""
+    return Machine(vmstate.vm(name, root)).stop(timeout)
+
+
+def kill(name: str, *, root: Path | None = None) -> bool:
+    return Machine(vmstate.vm(name, root)).kill()
+
+
+def remove(name: str, *, force: bool = False, root: Path | None = None) -> None:
+    """Delete a VM's directory (overlay included); a running VM needs ``force``."""
+    st = vmstate.vm(name, root)
+    if st.running():
+        if not force:
+            raise MachineError(f"VM {name!r} is running",
+                               hint=f"stop it first ('vmforge vm stop {name}') or use --force")
+        Machine(st).kill()
+    vmstate.remove(st)

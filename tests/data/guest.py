@@ -1,0 +1,246 @@
+"""The project's own test guest, built from Debian packages only (no other download).
+
+* kernel: ``boot/vmlinuz-*`` from the package linux-image-amd64 depends on
+  (``apt-get download`` + ``dpkg-deb -x``; nothing is installed, no root needed);
+* initramfs: the host's static busybox (package busybox-static) plus the kernel
+  modules a virtio disk, ext4 and the ACPI power button need, in dependency order (read
+  from each module's ``depends=`` modinfo string), and an ``/init`` script;
+* root disk: a small ext4 file system made by ``mkfs.ext4 -d`` (no mount, no root).
+
+The /init prints ``VMFORGE-GUEST-UP`` on the serial console as soon as it runs. Kernel
+command-line switches select what else it does:
+
+``vmforge.disk=1``    mount /dev/vda (ext4) and print ``VMFORGE-ROOT <first line of /hello>``
+``vmforge.write=1``   also write /written in it, sync, print ``VMFORGE-WROTE``
+``vmforge.counter=1`` print ``VMFORGE-COUNT n`` once a second, forever
+
+An ACPI power-button press (QMP ``system_powerdown``) powers the guest off, so the
+graceful stop path can be tested.
+
+Everything lands in a cache directory (``$VMFORGE_GUEST_CACHE``, default
+``~/.cache/vmforge/test-guest``) keyed by kernel version and this builder's version, so
+it is built once per machine. ``python -m tests.data.guest`` builds it and prints paths.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "VMFORGE-GUEST-UP"
+BUILDER_VERSION = "1"
+#: the modules /init loads; their dependencies are added in front automatically
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4", "evdev",
+                  "button")
+BUSYBOX = "/bin/busybox"
+CONSOLE_APPEND = "console=ttyS0 panic=-1 quiet loglevel=3"
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /mnt /sbin /usr/bin /usr/sbin /etc
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "VMFORGE-GUEST-UP" > /dev/ttyS0
+for m in $(cat /modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
+# busybox acpid maps the power button (an evdev key) to /etc/acpi/PWRF/00000080
+mkdir -p /etc/acpi/PWRF /var/log /var/run
+printf '#!/bin/sh\necho VMFORGE-POWEROFF > /dev/ttyS0\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod 755 /etc/acpi/PWRF/00000080
+acpid
+cmdline=$(cat /proc/cmdline)
+has() { case " $cmdline " in *" $1 "*) return 0;; esac; return 1; }
+if has vmforge.disk=1; then
+  i=0
+  while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  if mount -t ext4 /dev/vda /mnt; then
+    echo "VMFORGE-ROOT $(head -n 1 /mnt/hello)" > /dev/ttyS0
+    if has vmforge.write=1; then
+      echo "written by the guest" > /mnt/written
+      dd if=/dev/urandom of=/mnt/noise bs=64k count=16 2>/dev/null
+      sync
+      echo "VMFORGE-WROTE" > /dev/ttyS0
+    fi
+  else
+    echo "VMFORGE-ROOT-FAILED" > /dev/ttyS0
+  fi
+fi
+n=0
+while true; do
+  if has vmforge.counter=1; then echo "VMFORGE-COUNT $n" > /dev/ttyS0; fi
+  n=$((n+1))
+  sleep 1
+done
+"""
+
+
+@dataclass(frozen=True)
+class Guest:
+    kernel: Path
+    initrd: Path
+    rootfs: Path  # raw ext4 image
+    kernel_version: str
+
+    def append(self, *switches: str) -> str:
+        return " ".join((CONSOLE_APPEND, *switches))
+
+
+class GuestUnavailable(RuntimeError):
+    """The host lacks what the build needs (apt metadata, busybox-static, mkfs.ext4)."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get("VMFORGE_GUEST_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vmforge" / "test-guest"
+
+
+def _run(*argv: str, cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False,
+                              stdin=subprocess.DEVNULL, timeout=300)
+    except FileNotFoundError as err:
+        raise GuestUnavailable(f"{argv[0]} is not installed") from err
+    if proc.returncode != 0:
+        raise GuestUnavailable(f"{' '.join(argv)} failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def kernel_package() -> str:
+    """The versioned package linux-image-amd64 depends on (e.g. linux-image-6.1.0-56-amd64)."""
+    out = _run("apt-cache", "depends", "linux-image-amd64")
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends:") and "linux-image-" in line:
+            return line.split(":", 1)[1].strip()
+    raise GuestUnavailable("apt-cache knows no linux-image-amd64 (run apt-get update)")
+
+
+# --- initramfs: the "newc" cpio format (see the kernel's early-userspace docs) -------------
+
+def _cpio_entry(out: io.BytesIO, name: str, mode: int, data: bytes = b"", ino: int = 0) -> None:
+    encoded = name.encode() + b"\0"
+    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+    out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
+    out.write(b"\0" * (-out.tell() % 4))
+    out.write(data)
+    out.write(b"\0" * (-out.tell() % 4))
+
+
+def make_cpio(files: dict[str, tuple[int, bytes]]) -> bytes:
+    """A newc archive; ``files`` maps path -> (mode, content); parents are added as dirs."""
+    out = io.BytesIO()
+    dirs: set[str] = set()
+    for path in files:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            dirs.add("/".join(parts[:i]))
+    ino = 1
+    for d in sorted(dirs):
+        _cpio_entry(out, d, stat.S_IFDIR | 0o755, ino=ino)
+        ino += 1
+    for path, (mode, data) in sorted(files.items()):
+        _cpio_entry(out, path, mode, data, ino=ino)
+        ino += 1
+    _cpio_entry(out, "TRAILER!!!", 0)
+    return out.getvalue()
+
+
+def _depends(ko: Path) -> list[str]:
+    data = ko.read_bytes()
+    at = data.find(b"\0depends=")
+    if at < 0:
+        return []
+    value = data[at + 9:data.index(b"\0", at + 9)].decode()
+    return [d for d in value.split(",") if d]
+
+
+def module_order(modroot: Path, wanted: tuple[str, ...]) -> list[Path]:
+    """``wanted`` modules and their dependencies, each after everything it depends on."""
+    index = {p.name[:-3].replace("-", "_"): p for p in modroot.rglob("*.ko")}
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        name = name.replace("-", "_")
+        if name in seen or name not in index:  # not a module: built into the kernel
+            return
+        seen.add(name)
+        for dep in _depends(index[name]):
+            visit(dep)
+        order.append(index[name])
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def build(root: Path | None = None) -> Guest:
+    """Build (or reuse) the guest under the cache directory; safe to call concurrently."""
+    root = root or cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    package = kernel_package()
+    key = hashlib.sha256(f"{package}/{BUILDER_VERSION}/{WANTED_MODULES}/{INIT}".encode()).hexdigest()[:12]
+    final = root / f"{package}-{key}"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (final / "done").exists():
+            _build_into(final, package)
+    version = (final / "kernel-version").read_text().strip()
+    return Guest(final / "vmlinuz", final / "initrd.img", final / "rootfs.raw", version)
+
+
+def _build_into(final: Path, package: str) -> None:
+    if not Path(BUSYBOX).exists():
+        raise GuestUnavailable("busybox-static is not installed (make apt)")
+    if shutil.which("mkfs.ext4") is None:
+        raise GuestUnavailable("e2fsprogs is not installed (make apt)")
+    shutil.rmtree(final, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        _run("apt-get", "download", package, cwd=tmp)
+        debs = list(tmp.glob("*.deb"))
+        if len(debs) != 1:
+            raise GuestUnavailable(f"apt-get download {package} gave {debs}")
+        tree = tmp / "tree"
+        _run("dpkg-deb", "-x", str(debs[0]), str(tree))
+        vmlinuz = next((tree / "boot").glob("vmlinuz-*"))
+        version = vmlinuz.name[len("vmlinuz-"):]
+        modroot = tree / "lib" / "modules" / version
+        mods = module_order(modroot, WANTED_MODULES)
+        files: dict[str, tuple[int, bytes]] = {
+            "init": (stat.S_IFREG | 0o755, INIT.encode()),
+            "bin/busybox": (stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()),
+            "modules.order": (stat.S_IFREG | 0o644,
+                              "".join(f"{m.name}\n" for m in mods).encode()),
+        }
+        for m in mods:
+            files[f"lib/modules/{m.name}"] = (stat.S_IFREG | 0o644, m.read_bytes())
+        out = tmp / "out"
+        out.mkdir()
+        (out / "initrd.img").write_bytes(gzip.compress(make_cpio(files), 6))
+        shutil.copyfile(vmlinuz, out / "vmlinuz")
+        rootdir = tmp / "rootdir"
+        rootdir.mkdir()
+        (rootdir / "hello").write_text("vmforge-root\n")
+        _run("mkfs.ext4", "-q", "-F", "-L", "vmforge", "-d", str(rootdir),
+             str(out / "rootfs.raw"), "16M")
+        (out / "kernel-version").write_text(version + "\n")
+        (out / "done").write_text("ok\n")
+        os.rename(out, final)
+
+
+if __name__ == "__main__":
+    g = build()
+    print(f"kernel  {g.kernel}\ninitrd  {g.initrd}\nrootfs  {g.rootfs}\nversion {g.kernel_version}")

@@ -1,0 +1,60 @@
+"""Fixtures for VM tests: the test guest (built once per machine) and a VM state root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.data.guest import Guest, GuestUnavailable, build
+
+QEMU_SYSTEM = shutil.which("qemu-system-x86_64")
+
+
+def qemu_processes(root: Path) -> list[int]:
+    """Live (non-zombie) processes whose command line names ``root``."""
+    marker = os.fsencode(str(root))
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if marker in cmdline and stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z":
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="session")
+def guest() -> Guest:
+    if QEMU_SYSTEM is None:
+        pytest.skip("qemu-system-x86_64 is not installed (make apt)")
+    try:
+        return build()
+    except GuestUnavailable as err:
+        pytest.skip(f"cannot build the test guest: {err}")
+
+
+@pytest.fixture(scope="session")
+def _vm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # one root per session so the KVM probe result (cached in it) is reused
+    return tmp_path_factory.mktemp("vms")
+
+
+@pytest.fixture
+def vm_root(_vm_root: Path, monkeypatch: pytest.MonkeyPatch):
+    """VMFORGE_STATE_DIR for this test; afterwards no QEMU of it may still run."""
+    monkeypatch.setenv("VMFORGE_STATE_DIR", str(_vm_root))
+    yield _vm_root
+    leftovers = qemu_processes(_vm_root)
+    for pid in leftovers:  # clean up before failing, so one bug does not leak into others
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"QEMU processes left running: {leftovers}"
