@@ -3,14 +3,14 @@
 qemu-img 7.2 reads and writes fixed and dynamic VHDX only; vmforge also reads and
 writes differencing disks, checks their parent by its DataWriteGuid, and can replay a
 dirty metadata log in memory (``--replay-log``) where qemu-img refuses a read-only open.
+Existing files are changed in place by :class:`VhdxEditor` (inplace.py: resize, commit,
+rebase, ``convert -n``), with metadata updates written through the log (journal.py).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
-from ...engine.chain import resolve_backing_path
 from ...errors import OptionError, VmforgeError
 from ...model import parse_size
 from ...model.inspection import FormatFacts
@@ -25,9 +25,10 @@ from ..base import (
 )
 from ..options import check_create_options, parse_flag
 from . import structs as S
+from .inplace import VhdxEditor
 from .inspect import inspect_vhdx
 from .reader import VhdxReader
-from .writer import ParentInfo, VhdxWriter
+from .writer import ParentInfo, VhdxWriter, parent_info
 
 CREATE_OPTIONS = {
     "subformat": "dynamic (default) or fixed",
@@ -63,25 +64,16 @@ def _size_option(options: Mapping[str, str], key: str) -> int | None:
 
 
 def _parent_info(path: str, backing: BackingRef, size: int) -> ParentInfo:
-    if backing.format != "vhdx":
-        raise OptionError("a VHDX differencing disk needs a VHDX parent", option="backing_fmt",
-                          hint="convert the parent to vhdx first, or use -O qcow2")
-    target = resolve_backing_path(path, backing.filename)
-    parent = VhdxReader(target, OpenOptions())
-    try:
-        if parent.virtual_size != size:
-            raise OptionError(f"a differencing VHDX has its parent's size ({parent.virtual_size} "
-                              f"bytes), not {size}", option="size", hint="leave the size out")
-        guid = parent.header.data_write_guid
-    finally:
-        parent.close()
-    absolute = os.path.abspath(target)
-    relative = os.path.relpath(absolute, os.path.dirname(os.path.abspath(path)))
-    return ParentInfo(guid, relative, absolute)
+    info, parent_size = parent_info(path, backing)
+    if parent_size != size:
+        raise OptionError(f"a differencing VHDX has its parent's size ({parent_size} "
+                          f"bytes), not {size}", option="size", hint="leave the size out")
+    return info
 
 
 class VhdxFormat(Format):
     name = "vhdx"
+    backing_formats = ("vhdx",)
     capabilities = Capabilities(read=True, write=True, backing=True)
     create_options = CREATE_OPTIONS
 
@@ -127,5 +119,10 @@ class VhdxFormat(Format):
         return VhdxWriter(path, size, block_size=block_size, log_size=log_size,
                           fixed=sub == "fixed", zero_state=zero_state, parent=parent)
 
+    @classmethod
+    def open_for_write(cls, path: str) -> ImageWriter:
+        """An editor on the existing image: convert -n, resize, commit, rebase."""
+        return VhdxEditor.open_existing(path)
 
-__all__ = ["VhdxFormat", "VhdxReader", "VhdxWriter", "default_block_size"]
+
+__all__ = ["VhdxEditor", "VhdxFormat", "VhdxReader", "VhdxWriter", "default_block_size"]

@@ -24,15 +24,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import OutputError
+from ...engine.chain import resolve_backing_path
+from ...errors import OptionError, OutputError
 from ...util.fileio import pwrite_all, zero_range
-from ..base import ImageWriter
+from ..base import BackingRef, ImageWriter, OpenOptions
 from . import structs as S
+from .reader import VhdxReader
 
 SECTOR = 512  # logical and physical sector size written, as qemu-img writes them
 LOG_OFFSET = S.HEADER_SECTION_SIZE
 SPARE_AFTER_METADATA = 4 * S.MiB  # qemu: data starts 5 MiB after the BAT ends
 CREATOR = "vmforge"
+#: payload states that read as zeros even in a differencing disk (the reader's view): a
+#: block allocated over one of them must keep every sector, or the parent would show
+HIDING_STATES = (S.PAYLOAD_BLOCK_UNDEFINED, S.PAYLOAD_BLOCK_ZERO, S.PAYLOAD_BLOCK_UNMAPPED,
+                 S.PAYLOAD_BLOCK_UNMAPPED_V095)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,25 @@ class ParentInfo:
         return S.ParentLocator(S.VHDX_PARENT_LOCATOR_TYPE, entries)
 
 
+def parent_info(path: str, backing: BackingRef) -> tuple[ParentInfo, int]:
+    """What a differencing disk at ``path`` records about ``backing``, and the parent's size.
+
+    The parent must be a VHDX file: its DataWriteGuid becomes the child's parent_linkage.
+    """
+    if backing.format != "vhdx":
+        raise OptionError("a VHDX differencing disk needs a VHDX parent", option="backing_fmt",
+                          hint="convert the parent to vhdx first, or use -O qcow2")
+    target = resolve_backing_path(path, backing.filename)
+    parent = VhdxReader(target, OpenOptions())
+    try:
+        size, guid = parent.virtual_size, parent.header.data_write_guid
+    finally:
+        parent.close()
+    absolute = os.path.abspath(target)
+    relative = os.path.relpath(absolute, os.path.dirname(os.path.abspath(path)))
+    return ParentInfo(guid, relative, absolute), size
+
+
 def _align(n: int, to: int = S.MiB) -> int:
     return -(-n // to) * to
 
@@ -67,6 +92,7 @@ class VhdxWriter(ImageWriter):
         self.log_size = log_size
         self.fixed = fixed
         self.parent = parent
+        self.sector = SECTOR
         self.ratio = S.chunk_ratio(block_size, SECTOR)
         self.blocks, entries = S.bat_entry_count(size, block_size, SECTOR, parent is not None)
         self.bat_offset = _align(LOG_OFFSET + log_size)
@@ -77,7 +103,7 @@ class VhdxWriter(ImageWriter):
         self.meta_offset = self.bat_offset + self.bat_length
         self.data_start = self.meta_offset + S.MiB + SPARE_AFTER_METADATA
         self.bat = np.zeros(entries, dtype="<u8")
-        self.spb = block_size // SECTOR
+        self.spb = block_size // self.sector
         #: sectors stored so far of blocks only partly written (differencing disks); the
         #: bits themselves live in the file's sector bitmap blocks, so memory stays flat
         self.counts: dict[int, int] = {}
@@ -116,6 +142,7 @@ class VhdxWriter(ImageWriter):
         if e & S.BAT_STATE_MASK in (S.PAYLOAD_BLOCK_FULLY_PRESENT,
                                     S.PAYLOAD_BLOCK_PARTIALLY_PRESENT):
             return e & S.BAT_FILE_OFFSET_MASK
+        self._modify(data=True)
         at = self.end
         self.end += self.block_size
         # the block reads as zeros until written: a hole, as qemu leaves it
@@ -124,8 +151,9 @@ class VhdxWriter(ImageWriter):
             self._set(blk, at, S.PAYLOAD_BLOCK_FULLY_PRESENT)
         else:
             self._set(blk, at, S.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+            self._clear_bits(blk)
             self.counts[blk] = 0
-            if e & S.BAT_STATE_MASK == S.PAYLOAD_BLOCK_ZERO:
+            if e & S.BAT_STATE_MASK in HIDING_STATES:
                 # the whole block hid the parent: every sector stays this file's (zeros)
                 self._mark(blk, 0, min(self.block_size, self.virtual_size - blk * self.block_size))
         return at
@@ -141,6 +169,22 @@ class VhdxWriter(ImageWriter):
             self.bat[S.sb_index(chunk, self.ratio)] = at | S.SB_BLOCK_PRESENT
         return at
 
+    def _block_bits(self, blk: int) -> tuple[int, int]:
+        """(file offset, length) of the bytes of ``blk``'s bits in its chunk's sector bitmap."""
+        chunk, within = divmod(blk, self.ratio)
+        # spb is a multiple of 8 (block >= 1 MiB, sector <= 4 KiB): whole bytes per block
+        return self.bitmaps[chunk] + within * self.spb // 8, self.spb // 8
+
+    def _clear_bits(self, blk: int) -> None:
+        """A block newly allocated in a differencing disk starts with no sector of its own.
+
+        An existing file may hold stale bits for a block that is not present (2.4.2 says
+        they mean nothing then); they must not make parent sectors read as zeros.
+        """
+        if blk // self.ratio in self.bitmaps:
+            at, n = self._block_bits(blk)
+            pwrite_all(self.fd, bytes(n), at)
+
     def _mark(self, blk: int, inner: int, n: int) -> None:
         """Set the sector bitmap bits of sectors now stored in a differencing disk's block.
 
@@ -148,10 +192,16 @@ class VhdxWriter(ImageWriter):
         block whose every sector is stored becomes FULLY_PRESENT (its bits stay set).
         """
         if blk not in self.counts:
-            return
+            if self._entry(blk) & S.BAT_STATE_MASK != S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                return
+            # a block an earlier session left partly present: count what it stores
+            at, nbytes = self._block_bits(blk)
+            self.counts[blk] = int(np.unpackbits(np.frombuffer(
+                os.pread(self.fd, nbytes, at), np.uint8)).sum())
+        sector = self.sector
         chunk, within = divmod(blk, self.ratio)
-        first = within * self.spb + inner // SECTOR
-        last = within * self.spb + -(-(inner + n) // SECTOR)
+        first = within * self.spb + inner // sector
+        last = within * self.spb + -(-(inner + n) // sector)
         b0, b1 = first // 8, -(-last // 8)
         at = self._bitmap(chunk) + b0
         bits = np.unpackbits(np.frombuffer(os.pread(self.fd, b1 - b0, at), np.uint8),
@@ -179,7 +229,11 @@ class VhdxWriter(ImageWriter):
             offset += n
         return out
 
+    def _modify(self, *, data: bool) -> None:
+        """Hook run before the file is first changed (an existing image updates its headers)."""
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._modify(data=True)
         view = memoryview(data).cast("B")
         pos = 0
         for blk, inner, n in self._pieces(offset, len(view)):
@@ -196,8 +250,10 @@ class VhdxWriter(ImageWriter):
                 if self.parent is None:
                     continue  # reads as zeros already
                 if whole:
+                    self._modify(data=True)
                     self._set(blk, 0, S.PAYLOAD_BLOCK_ZERO)  # hides the parent's block
                     continue
+            self._modify(data=True)
             zero_range(self.fd, self._host(blk) + inner, n)
             self._mark(blk, inner, n)
 
