@@ -261,6 +261,9 @@ class Format(abc.ABC):
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: formats a backing file of this format may have (None: any; differencing formats
+    #: name their parent by an identity only a parent of the same format carries)
+    backing_formats: ClassVar[tuple[str, ...] | None] = None
     #: -o options accepted by create, with a one-line description each
     create_options: ClassVar[Mapping[str, str]] = {}
     registry: ClassVar[dict[str, type[Format]]] = {}

@@ -8,6 +8,7 @@ overlay grows to the overlay's size first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from ..engine.copy import ChainSource, CopyStats, Progress, copy
@@ -38,6 +39,11 @@ def commit(path: str, fmt: str | None = None, *, base: str | None = None, keep: 
         if empty_top:
             require_writable(img.path)
         source = ChainSource(img.chain, max_depth=index - 1)
+        child = layers[index - 1]
+        # formats that name their parent by a stamp that writes change (VMDK CID, VHDX
+        # DataWriteGuid) must point the image above the base at the new stamp
+        relink = None if empty_top or not hasattr(child, "verify_parent") else \
+            (child.path, child.format_name, child.backing)
         with edit_image(target.path, target.format_name) as writer:
             if writer.virtual_size < img.virtual_size:
                 writer.resize(img.virtual_size)
@@ -45,6 +51,10 @@ def commit(path: str, fmt: str | None = None, *, base: str | None = None, keep: 
     if empty_top:
         with edit_image(img.path, img.format) as top_writer:
             top_writer.make_empty()
+    elif relink is not None and relink[2] is not None:
+        child_path, child_fmt, ref = relink
+        with contextlib.suppress(UnsupportedFeature), edit_image(child_path, child_fmt) as w:
+            w.set_backing(ref)  # the same name; the format refreshes the stamp
     return stats
 
 

@@ -37,6 +37,15 @@ def backing_ref(backing: str | None, backing_fmt: str | None, dest: str,
         return BackingRef(backing, backing_fmt), base.virtual_size
 
 
+def require_backing_format(fmt: str, backing_fmt: str | None) -> None:
+    """Refuse, before anything is written, a parent the format cannot link to."""
+    allowed = get_format(fmt).backing_formats
+    if allowed is not None and backing_fmt is not None and backing_fmt not in allowed:
+        raise UsageError(f"a {fmt} image can only have a {' or '.join(allowed)} parent, "
+                         f"not {backing_fmt}",
+                         hint="convert the parent first, or use a qcow2 overlay")
+
+
 def create(path: str, fmt: str, size: int | None = None, options: Mapping[str, str] | None = None,
            backing: str | None = None, backing_fmt: str | None = None) -> None:
     """Create an image; ``size`` may be omitted when a backing file gives it.
@@ -46,6 +55,8 @@ def create(path: str, fmt: str, size: int | None = None, options: Mapping[str, s
     opts = dict(options or {})
     format_cls = get_format(fmt)
     ref, backing_size = backing_ref(backing, backing_fmt, path, opts)
+    if ref is not None:
+        require_backing_format(format_cls.name, ref.format)
     if size is None:
         if backing_size is None:
             raise UsageError("an image size is needed", hint="add a size such as 10G")

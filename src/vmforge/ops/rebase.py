@@ -16,6 +16,7 @@ from ..engine.chain import resolve_backing_path
 from ..errors import UsageError
 from ..formats import BackingRef, get_format
 from ..model import ExtentKind, align_down, align_up
+from .create import require_backing_format
 from .edit import edit_image, require_writable
 from .image import Image, open_image
 
@@ -45,6 +46,8 @@ def rebase(path: str, backing: str, backing_fmt: str | None = None, fmt: str | N
         fmt = img.format
         if not get_format(fmt).capabilities.backing:
             raise UsageError(f"{fmt} images have no backing file to change")
+        if ref is not None:
+            require_backing_format(fmt, ref.format)
         if unsafe:
             copied = 0
             with edit_image(path, fmt) as writer:

@@ -40,6 +40,7 @@ CREATE_OPTIONS = {
 
 class VmdkFormat(Format):
     name = "vmdk"
+    backing_formats = ("vmdk",)
     capabilities = Capabilities(read=True, write=True, backing=True, compression=True,
                                 stream_write=True)
     create_options = CREATE_OPTIONS
