@@ -5,6 +5,8 @@ parent is known only by UUID (VirtualBox finds it in its media registry), so vmf
 never searches for it: the user names candidate parents (``--parent FILE``, the
 ``parents`` argument of open_image), each is matched by its uuidCreate, and without a
 match reading fails naming the UUID. Untrusted mode refuses them like any reference.
+Existing images are resized in place (inplace.py; qemu-img cannot), differencing ones
+only when no data block has to move.
 """
 
 from __future__ import annotations

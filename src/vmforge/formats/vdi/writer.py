@@ -12,9 +12,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from ...errors import OutputError
+from ...errors import CorruptImage, OutputError, UnsupportedFeature
 from ...util.fileio import pwrite_all, zero_range
-from ..base import HostFile, ImageWriter
+from ..base import BackingRef, HostFile, ImageWriter
 from . import structs as S
 from .reader import read_block_map, read_header
 
@@ -36,6 +36,10 @@ class VdiWriter(ImageWriter):
         else:
             self.bmap = np.full(blocks, S.BLOCK_FREE, dtype="<u4")
         self.allocated = blocks if fixed else 0
+        self.map_area = S.block_map_bytes(blocks)
+        self.truncate = False
+        #: (offset, length) of old data freed by a resize, zeroed after the map is written
+        self.release: list[tuple[int, int]] = []
         if fixed:
             self.granularity = S.SECTOR_SIZE
         self.fd = _open(path, os.O_CREAT | os.O_TRUNC)
@@ -64,10 +68,37 @@ class VdiWriter(ImageWriter):
         allocated = bmap[bmap < S.FIRST_UNALLOCATED]
         # new blocks go after the highest one in use, whatever cBlocksAllocated claims
         self.allocated = int(allocated.max()) + 1 if len(allocated) else 0
+        # writing into a block that another entry shares would change both: refuse the
+        # damage qemu's check reports (vdi_co_check) before anything is written
+        if len(allocated) and (int(allocated.max()) >= header.cBlocks
+                               or len(np.unique(allocated)) != len(allocated)):
+            raise CorruptImage("the block map has entries past the block count or blocks "
+                               "used twice; refusing to write", path=path,
+                               offset=header.offBlocks, hint="run 'vmforge check' on it")
         if header.u32Type == S.TYPE_FIXED:
             self.granularity = S.SECTOR_SIZE
+        self.map_area = S.block_map_bytes(header.cBlocks)
+        self.truncate = False
+        self.release = []
         self.fd = _open(path, 0)
         return self
+
+    def resize(self, new_size: int) -> None:
+        """Change cbDisk and the block map (see inplace.py for the rules)."""
+        from .inplace import resize
+
+        resize(self, new_size)
+
+    def make_empty(self) -> None:
+        raise UnsupportedFeature("emptying VDI images", path=self.path,
+                                 detail="vmforge does not rewrite differencing VDIs",
+                                 hint="keep the overlay as it is (commit -d)")
+
+    def set_backing(self, backing: BackingRef | None) -> None:
+        raise UnsupportedFeature("changing the parent of a VDI image", path=self.path,
+                                 detail="a differencing VDI names its parent only by UUID",
+                                 hint="convert it to a standalone image instead "
+                                      "(vmforge convert -O vdi --parent PARENT ...)")
 
     def _host_block(self, idx: int) -> int:
         """Host offset of block ``idx``, allocating it at the end of the data area."""
@@ -108,15 +139,18 @@ class VdiWriter(ImageWriter):
         in_use = int(np.count_nonzero(self.bmap < S.FIRST_UNALLOCATED))
         header = replace(h, cBlocksAllocated=in_use)
         table = self.bmap.astype("<u4").tobytes()
-        table += bytes(S.block_map_bytes(h.cBlocks) - len(table))
+        # whole sectors; an area the map shrank from is cleared of its old entries
+        table += bytes(max(S.block_map_bytes(h.cBlocks), self.map_area) - len(table))
         try:
             pwrite_all(self.fd, header.pack(), 0)
             pwrite_all(self.fd, table, h.offBlocks)
             # the file ends with the last allocated block in full: a final partial
             # block reads zeros past the data that was written
             end = h.offData + self.allocated * S.BLOCK_SIZE
-            if os.fstat(self.fd).st_size < end:
+            if self.truncate or os.fstat(self.fd).st_size < end:
                 os.ftruncate(self.fd, end)
+            for at, length in self.release:
+                zero_range(self.fd, at, length)
         except OSError as err:
             raise OutputError(f"{self.path}: cannot write the VDI header: {err.strerror}") from None
         finally:

@@ -3,7 +3,8 @@
 qemu-img calls the format "vpc"; "vhd" is accepted as an alias. Unlike qemu, vmforge
 recognises a fixed VHD by its footer at the end of the file (``probe_tail``), and
 reads and writes differencing disks (a backing file, in qemu-img's words), whose
-parent must be a VHD of the same size.
+parent must be a VHD of the same size. Existing disks are changed in place (resize,
+commit, rebase) by the writers in inplace.py, which qemu-img cannot do for vpc.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ...model.inspection import FormatFacts
 from ..base import BackingRef, ByteSource, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
 from ..options import check_create_options, parse_flag
 from . import structs as S
+from .inplace import open_existing
 from .inspect import inspect_vpc
 from .parent import link_to
 from .reader import VpcReader
@@ -48,6 +50,7 @@ def plan_size(size: int, force_size: bool) -> tuple[int, tuple[int, int, int]]:
 class VpcFormat(Format):
     name = "vpc"
     aliases = ("vhd",)
+    backing_formats = ("vpc",)
     capabilities = Capabilities(read=True, write=True, backing=True)
     create_options = CREATE_OPTIONS
 
@@ -82,6 +85,11 @@ class VpcFormat(Format):
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
         return inspect_vpc(src)
+
+    @classmethod
+    def open_for_write(cls, path: str) -> ImageWriter:
+        """A writer on an existing fixed, dynamic or differencing disk (see inplace.py)."""
+        return open_existing(path)
 
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str],

@@ -26,6 +26,8 @@ from . import structs as S
 from .parent import ParentLink
 
 BAT_OFFSET = 3 * S.SECTOR  # after the footer copy and the 1024-byte dynamic header
+#: blocks whose exact sector bitmaps are held in memory before the oldest is written out
+_TRACKED_BLOCKS = 256
 
 
 def make_footer(size: int, chs: tuple[int, int, int], disk_type: int, force_size: bool) -> S.Footer:
@@ -110,6 +112,65 @@ class DynamicWriter(_VpcWriter):
         self.next_block = BAT_OFFSET + bat_bytes  # where the next block's bitmap goes
         # every bit set: all sectors of an allocated block hold data (spec "Data Blocks")
         self.bitmap = b"\xff" * self.bitmap_size
+        self.sectors_per_block = block_size // S.SECTOR
+        # block index -> one bool per sector, for blocks whose sector bitmap is being
+        # kept exact (differencing disks; partly-marked blocks of existing dynamic disks)
+        self.present: dict[int, np.ndarray] = {}
+        #: False while no block can need exact bitmaps (a new dynamic disk)
+        self._may_track = False
+
+    def _tracks(self, index: int) -> bool:
+        """Whether writes into block ``index`` must set its sector bitmap bits."""
+        return False
+
+    def _mark(self, offset: int, length: int) -> None:
+        """Set the sector bitmap bits of a write, for blocks whose bitmap is kept exact."""
+        if offset % S.SECTOR or length % S.SECTOR:
+            raise OutputError(f"{self.path}: a differencing VHD stores whole sectors; a write "
+                              f"of {length} bytes at {offset} is not sector-aligned")
+        bs = self.block_size
+        end = offset + length
+        while offset < end:
+            index, inner = divmod(offset, bs)
+            n = min(end - offset, bs - inner)
+            if self._tracks(index):
+                bits = self.present.get(index)
+                if bits is None:
+                    bits = self.present[index] = self._stored_bits(index)
+                    if len(self.present) > _TRACKED_BLOCKS:  # keep memory flat
+                        self._evict()
+                bits[inner // S.SECTOR:(inner + n) // S.SECTOR] = True
+            offset += n
+
+    def _stored_bits(self, index: int) -> np.ndarray:
+        """The sector bitmap of block ``index`` as on disk (all clear for a new block)."""
+        entry = int(self.bat[index])
+        if entry == S.BAT_UNUSED:
+            return np.zeros(self.sectors_per_block, dtype=bool)
+        raw = os.pread(self.fd, -(-self.sectors_per_block // 8), entry * S.SECTOR)
+        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:self.sectors_per_block
+                                                                 ].astype(bool)
+
+    def _evict(self) -> None:
+        """Write out the oldest tracked bitmap of a block already in the file."""
+        for index in self.present:
+            if int(self.bat[index]) != S.BAT_UNUSED:  # (a block being marked is not yet)
+                self._store_bits(index)
+                return
+
+    def _store_bits(self, index: int) -> None:
+        bits = self.present.pop(index)
+        packed = np.packbits(bits).tobytes()  # most significant bit = first sector
+        pwrite_all(self.fd, packed + bytes(self.bitmap_size - len(packed)),
+                   int(self.bat[index]) * S.SECTOR)
+
+    def _store_all_bits(self) -> None:
+        for index in list(self.present):
+            self._store_bits(index)
+
+    def flush_before(self, offset: int) -> None:
+        for index in [i for i in self.present if (i + 1) * self.block_size <= offset]:
+            self._store_bits(index)
 
     def _block_host(self, index: int) -> int:
         """Host offset of block ``index``'s data, allocating the block if it is new."""
@@ -131,6 +192,8 @@ class DynamicWriter(_VpcWriter):
         self._check_range(offset, len(data))
         view = memoryview(data).cast("B")
         bs = self.block_size
+        if self.present or self._may_track:
+            self._mark(offset, len(view))
         while len(view):
             index, inner = divmod(offset, bs)
             n = min(len(view), bs - inner)
@@ -194,48 +257,10 @@ class DifferencingWriter(DynamicWriter):
                 S.LOCATOR_COUNT - len(entries)))
         # an allocated block starts with no sector of its own: every bit clear
         self.bitmap = bytes(self.bitmap_size)
-        self.sectors_per_block = self.block_size // S.SECTOR
-        # block index -> one bool per sector, for blocks written since their last flush;
-        # flush_before() moves them to disk so memory stays flat on large disks
-        self.present: dict[int, np.ndarray] = {}
+        self._may_track = True
 
-    def _mark(self, offset: int, length: int) -> None:
-        if offset % S.SECTOR or length % S.SECTOR:
-            raise OutputError(f"{self.path}: a differencing VHD stores whole sectors; a write "
-                              f"of {length} bytes at {offset} is not sector-aligned")
-        bs = self.block_size
-        end = offset + length
-        while offset < end:
-            index, inner = divmod(offset, bs)
-            n = min(end - offset, bs - inner)
-            bits = self.present.get(index)
-            if bits is None:
-                bits = self.present[index] = self._stored_bits(index)
-            bits[inner // S.SECTOR:(inner + n) // S.SECTOR] = True
-            offset += n
-
-    def _stored_bits(self, index: int) -> np.ndarray:
-        """The sector bitmap of block ``index`` as on disk (all clear for a new block)."""
-        entry = int(self.bat[index])
-        if entry == S.BAT_UNUSED:
-            return np.zeros(self.sectors_per_block, dtype=bool)
-        raw = os.pread(self.fd, self.sectors_per_block // 8, entry * S.SECTOR)
-        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8)).astype(bool)
-
-    def _store_bits(self, index: int) -> None:
-        bits = self.present.pop(index)
-        packed = np.packbits(bits).tobytes()  # most significant bit = first sector
-        pwrite_all(self.fd, packed + bytes(self.bitmap_size - len(packed)),
-                   int(self.bat[index]) * S.SECTOR)
-
-    def flush_before(self, offset: int) -> None:
-        for index in [i for i in self.present if (i + 1) * self.block_size <= offset]:
-            self._store_bits(index)
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._check_range(offset, len(data))
-        self._mark(offset, len(data))
-        super().write(offset, data)
+    def _tracks(self, index: int) -> bool:
+        return True
 
     def write_zeroes(self, offset: int, length: int) -> None:
         # zeros here must hide whatever the parent holds: the sectors become this file's
@@ -255,6 +280,5 @@ class DifferencingWriter(DynamicWriter):
     def finish(self) -> None:
         for at, data in self.locator_data:
             pwrite_all(self.fd, data, at)
-        for index in list(self.present):
-            self._store_bits(index)
+        self._store_all_bits()
         super().finish()
