@@ -44,14 +44,18 @@ def commit(path: str, fmt: str | None = None, *, base: str | None = None, keep: 
         # DataWriteGuid) must point the image above the base at the new stamp
         relink = None if empty_top or not hasattr(child, "verify_parent") else \
             (child.path, child.format_name, child.backing)
-        with edit_image(target.path, target.format_name) as writer:
-            if writer.virtual_size < img.virtual_size:
-                writer.resize(img.virtual_size)
-            stats = copy(source, writer, explicit_zeroes=True, progress=progress)
-    if empty_top:
-        with edit_image(img.path, img.format) as top_writer:
-            top_writer.make_empty()
-    elif relink is not None and relink[2] is not None:
+        with contextlib.ExitStack() as stack:
+            # the overlay is opened for emptying first, so an overlay that cannot be
+            # emptied (corrupt, unsupported) is refused before the base is written
+            top_writer = stack.enter_context(edit_image(img.path, img.format)) \
+                if empty_top else None
+            with edit_image(target.path, target.format_name) as writer:
+                if writer.virtual_size < img.virtual_size:
+                    writer.resize(img.virtual_size)
+                stats = copy(source, writer, explicit_zeroes=True, progress=progress)
+            if top_writer is not None:
+                top_writer.make_empty()
+    if relink is not None and relink[2] is not None:
         child_path, child_fmt, ref = relink
         with contextlib.suppress(UnsupportedFeature), edit_image(child_path, child_fmt) as w:
             w.set_backing(ref)  # the same name; the format refreshes the stamp

@@ -13,7 +13,7 @@ import lzma
 import os
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from ..errors import CorruptImage, LimitExceeded
 
@@ -61,8 +61,8 @@ def _pieces(chunks: Iterator[bytes], codec: str, name: str) -> Iterator[bytes]:
         import zstandard
 
         # stream_reader bounds each read's output; a decompressobj would not
-        reader = zstandard.ZstdDecompressor().stream_reader(_Prefixed(chunks),
-                                                            read_across_frames=True)
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            cast(BinaryIO, _Prefixed(chunks)), read_across_frames=True)
         try:
             while piece := reader.read(PIECE):
                 yield piece
