@@ -11,7 +11,7 @@ MAKEFLAGS += --no-builtin-rules
 
 # Debian packages the tests and demo need.  qemu-img (qemu-utils) is the test oracle;
 # extend with e.g. qemu-system-x86 e2fsprogs busybox-static when tests need them.
-APT_PACKAGES ?= qemu-utils qemu-system-x86 e2fsprogs busybox-static
+APT_PACKAGES ?= qemu-utils qemu-system-x86 e2fsprogs busybox-static fdisk
 
 PYTHON     ?= python3
 VENV       := .venv

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
+from ..guest.partitions import read_partition_table
 from ..model import human_size
 from ..model.inspection import InspectReport
+from ..ops import open_image
 from ..safety import inspect, inspect_path
-from .common import add_output, die, print_json, size_arg
-
-Sub = Any  # argparse's _SubParsersAction is private
+from .common import Sub, add_output, command, die, print_json, size_arg
 
 
 def register(sub: Sub) -> None:
@@ -34,6 +33,7 @@ def register(sub: Sub) -> None:
     add_output(p)
     p.add_argument("filename", help="image file, or - for standard input")
     p.set_defaults(func=cmd_inspect)
+    register_partitions(sub)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -73,3 +73,41 @@ def render(r: InspectReport) -> str:
     lines += [f"    {'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}" for c in r.checks]
     lines.append(f"verdict: {'safe' if r.safe else 'refused'}")
     return "\n".join(lines) + "\n"
+
+
+def register_partitions(sub: Sub) -> None:
+    p = command(sub, "partitions", "list the partition table inside a disk image (MBR or GPT)",
+                "  vmforge partitions disk.qcow2\n  vmforge partitions --output=json disk.vmdk\n")
+    p.add_argument("-f", dest="fmt", help="image format (probed when omitted)")
+    add_output(p)
+    p.add_argument("--untrusted", action="store_true",
+                   help="refuse images that name any other file (backing, data file, extent)")
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_partitions)
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    with open_image(args.filename, args.fmt, untrusted=args.untrusted) as img:
+        size = img.virtual_size
+
+        def read(offset: int, length: int) -> bytes:
+            length = max(0, min(length, size - offset))
+            return img.read(offset, length) if length else b""
+
+        table = read_partition_table(read, size)
+    if args.output == "json":
+        print_json(table.to_json())
+    else:
+        print(f"scheme: {table.scheme or 'none'}" +
+              (f"  (disk id {table.disk_id})" if table.disk_id else ""))
+        for p in table.partitions:
+            boot = " boot" if p.bootable else ""
+            name = f" {p.name!r}" if p.name else ""
+            print(f"  {p.number:>3}  start {p.start:>14}  size {human_size(p.length):>10}  "
+                  f"type {p.type}{name}{boot}")
+        for problem in table.problems:
+            print(f"  problem: {problem}")
+    if table.problems:
+        return die(f"{args.filename}: partition table: {table.problems[0]}",
+                   "the table was reported, not followed")
+    return 0

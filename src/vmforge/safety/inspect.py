@@ -25,12 +25,15 @@ from typing import BinaryIO
 from ..errors import ImageNotFound, VmforgeError
 from ..formats import Format, get_format
 from ..formats.registry import PROBE_BYTES
+from ..guest.partitions import read_partition_table
 from ..model import human_size
 from ..model.inspection import Check, FormatFacts, InspectReport
 from .stream import HEAD, Capture, NeedBytes
 
 #: internal step: discovery runs at these boundaries only, whatever the caller's chunks
 STEP = 64 << 10
+#: the discovery participant for a raw disk's partition table (extended boot records)
+PARTITIONS = "partition table"
 #: bytes kept beyond any range a parser asks for
 LOOKAHEAD = 1 << 20
 #: ISO 9660 volume descriptor signature ("CD001" at byte 1 of sector 16)
@@ -66,30 +69,34 @@ class StreamInspector:
             self._candidates = [f for f in Format.registry.values()
                                 if f.name != "raw" and f.probe(head, Capture.UNKNOWN) > 1]
             self._waiting = {f.name: (0, 0) for f in self._candidates}
-        for fmt in self._candidates or ():
-            waiting = self._waiting.get(fmt.name)
+            if not self._candidates:  # a raw disk: its partition table is what to follow
+                self._waiting[PARTITIONS] = (0, 0)
+        for name, waiting in list(self._waiting.items()):
             if waiting is not None and (waiting == (0, 0) or self._arrived(waiting)):
-                self._discover(fmt)
+                self._discover(name)
 
     def _arrived(self, rng: tuple[int, int]) -> bool:
         off, n = rng
         return off + n <= self.capture.seen
 
-    def _discover(self, fmt: type[Format]) -> None:
-        """Run the format's header reading on what we have; remember what it needs next."""
+    def _discover(self, name: str) -> None:
+        """Run a header reader on what we have; remember what it needs next."""
         try:
-            fmt.inspect(self.capture)
+            if name == PARTITIONS:
+                read_partition_table(self.capture.pread_upto, self.capture.size)
+            else:
+                get_format(name).inspect(self.capture)
         except NeedBytes as need:
             # keep a margin past what was asked: the next structure is usually right
             # behind it (metadata items after their table) and may pass by before the
             # next discovery step
             if self.capture.want(need.offset, max(need.length, LOOKAHEAD)) or \
                     self.capture.want(need.offset, need.length):
-                self._waiting[fmt.name] = (need.offset, need.length)
+                self._waiting[name] = (need.offset, need.length)
                 return
         except (VmforgeError, ValueError, OverflowError):
             pass  # the final run reports it, with the true file size
-        self._waiting[fmt.name] = None
+        self._waiting[name] = None
 
     # -- the verdict -------------------------------------------------------------------------------
 
@@ -121,7 +128,26 @@ class StreamInspector:
             report.checks.append(Check("headers", False, f"unreadable header: {err}"))
             return report
         self._judge(report, facts)
+        if facts.format == "raw":
+            self._partitions(report)
         return report
+
+    def _partitions(self, report: InspectReport) -> None:
+        """A raw disk's partition table, from what the capture kept (SECURITY.md row 26)."""
+        cap = self.capture
+        try:
+            table = read_partition_table(cap.pread_upto, cap.size)
+        except NeedBytes as need:
+            report.checks.append(Check("partition-table", False,
+                                       f"partition entries at offset {need.offset} could not "
+                                       "be kept in one pass"))
+            return
+        if table.scheme is None:
+            return
+        report.details["partitions"] = table.to_json()
+        report.checks.append(Check("partition-table", not table.problems,
+                                   "; ".join(table.problems) or
+                                   f"{table.scheme}, {len(table.partitions)} partitions"))
 
     def _detect(self, report: InspectReport) -> type[Format] | None:
         cap = self.capture

@@ -1,0 +1,1 @@
+"""Inside the disk: partition tables (and, later, file systems, sysprep, secret scan)."""
