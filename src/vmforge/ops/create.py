@@ -41,9 +41,14 @@ def require_backing_format(fmt: str, backing_fmt: str | None) -> None:
     """Refuse, before anything is written, a parent the format cannot link to."""
     allowed = get_format(fmt).backing_formats
     if allowed is not None and backing_fmt is not None and backing_fmt not in allowed:
-        raise UsageError(f"a {fmt} image can only have a {' or '.join(allowed)} parent, "
+        want = " or ".join(_TITLES.get(a, a) for a in allowed)
+        raise UsageError(f"a {_TITLES.get(fmt, fmt)} differencing disk needs a {want} parent, "
                          f"not {backing_fmt}",
                          hint="convert the parent first, or use a qcow2 overlay")
+
+
+#: the names users know these formats by, in messages
+_TITLES = {"vpc": "VHD", "vhdx": "VHDX", "vmdk": "VMDK"}
 
 
 def create(path: str, fmt: str, size: int | None = None, options: Mapping[str, str] | None = None,

@@ -28,10 +28,15 @@ def atomic_output(dest: str) -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".vmforge-tmp", dir=directory)
     except OSError as err:
         raise OutputError(f"{dest}: cannot create a file in {directory}: {err.strerror}") from None
-    os.close(fd)
-    # The writer creates the file itself: truncating an existing file (even an empty
-    # one) makes ext4 flush it to disk on close (auto_da_alloc), 0.8 s per 1.4 GiB here.
-    os.unlink(tmp)
+    try:
+        os.close(fd)
+        # The writer creates the file itself: truncating an existing file (even an empty
+        # one) makes ext4 flush it to disk on close (auto_da_alloc), 0.8 s per 1.4 GiB.
+        os.unlink(tmp)
+    except BaseException:  # Ctrl-C or SIGTERM right after mkstemp: leave nothing
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     try:
         # a multi-file format (VMDK extents) learns the final name and registers its
         # companion files through util.companions; they are renamed before the main file

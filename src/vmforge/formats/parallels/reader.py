@@ -81,11 +81,24 @@ class ParallelsReader(ImageReader):
             return
         cs = self.cluster_size
         first, last = start // cs, -(-end // cs)
+        # Past the BAT nothing is allocated: one extent, whatever the (hostile) disk
+        # size claims, so memory follows the BAT and never the virtual size.
+        covered = min(last, len(self.bat))
+        if covered * cs < end:
+            tail = max(start, covered * cs)
+            yield from self._bat_extents(start, min(end, tail), first, covered)
+            yield Extent(tail, end - tail, ExtentKind.UNALLOCATED)
+            return
+        yield from self._bat_extents(start, end, first, last)
+
+    def _bat_extents(self, start: int, end: int, first: int, last: int) -> Iterator[Extent]:
+        """Extents of guest clusters ``[first, last)`` (all inside the BAT), clipped."""
+        if start >= end:
+            return
+        cs = self.cluster_size
         # the table classified at once with numpy: a run breaks where allocation changes
         # or data stops being contiguous on the host (qemu's block_status merges those)
-        entries = np.zeros(last - first, dtype=np.uint64)
-        inside = self.bat[first:min(last, len(self.bat))]
-        entries[:len(inside)] = inside
+        entries = self.bat[first:last].astype(np.uint64)
         hosts = entries * np.uint64(self.unit)
         allocated = entries != 0
         brk = np.ones(len(hosts), dtype=bool)
