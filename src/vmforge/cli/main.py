@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import UsageError, VmforgeError
-from . import images, lifecycle, packages, safety, snapshots, vm
+from . import export, images, lifecycle, packages, safety, snapshots, vm
 from .common import CommandFailed, die
 
 EPILOG = """\
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     safety.register(sub)
     vm.register(sub)
     packages.register(sub)
+    export.register(sub)
     return parser
 
 

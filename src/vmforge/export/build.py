@@ -1,0 +1,98 @@
+"""What every target's export shares: the request, copying an image into a new disk of
+a chosen size, and the data regions of an image (for writers that map sparse files)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from ..engine.copy import ChainSource, copy
+from ..errors import OutputError
+from ..formats import get_format
+from ..model import ExtentKind, align_up
+from ..ops import open_image
+from ..ops.image import Image
+from ..ops.output import finishing
+
+MiB = 1 << 20
+GiB = 1 << 30
+_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One ``vmforge export``: the source, the destination, and appliance details."""
+
+    image: str
+    output: str
+    fmt: str | None = None
+    untrusted: bool = False
+    ovf_version: str = "1.0"
+    name: str | None = None
+    cpus: int = 1
+    memory: int = 1 << 30
+
+    def open(self) -> Image:
+        return open_image(self.image, self.fmt, untrusted=self.untrusted)
+
+    @property
+    def base(self) -> str:
+        """A safe machine/file name: the given one or the source's file name."""
+        base = self.name or os.path.splitext(os.path.basename(self.image))[0]
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", base)[:48].lstrip(".") or "vm"
+
+
+def copy_into(req: ExportRequest, dest: str, out_fmt: str, options: Mapping[str, str],
+              size: int | None = None) -> int:
+    """Write the source as a new ``out_fmt`` disk at ``dest`` of ``size`` bytes (at least
+    the source's; the rest reads as zeros). Returns the size written. ``dest`` is a
+    private path: the caller renames the finished output into place."""
+    with req.open() as img:
+        size = align_up(max(size or 0, img.virtual_size), 512)
+        writer = get_format(out_fmt).create(dest, size, dict(options), None, None)
+        with finishing(writer, req.output):
+            copy(ChainSource(img.chain), writer)
+    return size
+
+
+def data_regions(img: Image) -> list[tuple[int, int]]:
+    """(offset, length) runs of the image that may hold non-zero bytes, merged."""
+    out: list[tuple[int, int]] = []
+    for e in img.iter_extents(0, img.virtual_size):
+        if e.kind is not ExtentKind.DATA or e.hole:
+            continue
+        if out and out[-1][0] + out[-1][1] == e.start:
+            out[-1] = (out[-1][0], out[-1][1] + e.length)
+        else:
+            out.append((e.start, e.length))
+    return out
+
+
+def region_bytes(img: Image, regions: list[tuple[int, int]]) -> Iterator[bytes]:
+    """The guest bytes of ``regions``, in order, in chunks of at most 4 MiB."""
+    stream = img.stream()
+    for off, n in regions:
+        end = off + n
+        while off < end:
+            step = min(_CHUNK, end - off)
+            yield stream.read(off, step)
+            off += step
+
+
+@contextlib.contextmanager
+def workdir(beside: str) -> Iterator[str]:
+    """A private directory beside ``beside`` (same file system), removed afterwards."""
+    directory = os.path.dirname(os.path.abspath(beside))
+    try:
+        work = tempfile.mkdtemp(prefix=".vmforge-export-", dir=directory)
+    except OSError as err:
+        raise OutputError(f"{beside}: cannot create a work directory: {err.strerror}") from None
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
