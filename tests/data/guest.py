@@ -13,6 +13,9 @@ command-line switches select what else it does:
 ``vmforge.disk=1``    mount /dev/vda (ext4) and print ``VMFORGE-ROOT <first line of /hello>``
 ``vmforge.write=1``   also write /written in it, sync, print ``VMFORGE-WROTE``
 ``vmforge.counter=1`` print ``VMFORGE-COUNT n`` once a second, forever
+``vmforge.ip=A/NN``   bring eth0 up with address A/NN
+``vmforge.ping=B,C``  ping each address (up to 6 tries, 1 s apart, side by side) and print
+                      ``VMFORGE-PING B ok`` or ``VMFORGE-PING B fail``
 
 An ACPI power-button press (QMP ``system_powerdown``) powers the guest off, so the
 graceful stop path can be tested.
@@ -40,7 +43,7 @@ MARKER = "VMFORGE-GUEST-UP"
 BUILDER_VERSION = "1"
 #: the modules /init loads; their dependencies are added in front automatically
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4", "evdev",
-                  "button")
+                  "button", "virtio_balloon")
 BUSYBOX = "/bin/busybox"
 CONSOLE_APPEND = "console=ttyS0 panic=-1 quiet loglevel=3"
 
@@ -74,6 +77,24 @@ if has vmforge.disk=1; then
     echo "VMFORGE-ROOT-FAILED" > /dev/ttyS0
   fi
 fi
+for w in $cmdline; do
+  case "$w" in
+    vmforge.ip=*) ip link set lo up; ip link set eth0 up; ip addr add "${w#vmforge.ip=}" dev eth0;;
+  esac
+done
+for w in $cmdline; do
+  case "$w" in
+    vmforge.ping=*)
+      for t in $(echo "${w#vmforge.ping=}" | tr , ' '); do
+        ( k=0; r=fail
+          while [ $k -lt 6 ]; do
+            if ping -c 1 -W 1 "$t" >/dev/null 2>&1; then r=ok; break; fi
+            k=$((k+1)); sleep 1
+          done
+          echo "VMFORGE-PING $t $r" > /dev/ttyS0 ) &
+      done;;
+  esac
+done
 n=0
 while true; do
   if has vmforge.counter=1; then echo "VMFORGE-COUNT $n" > /dev/ttyS0; fi

@@ -10,7 +10,6 @@ import pytest
 from vmforge.errors import UsageError
 from vmforge.model.hardware import Bus, Disk, Nic, NicModel, VirtualHardware
 from vmforge.runtime.accel import Accel
-from vmforge.runtime.errors import MachineError
 from vmforge.runtime.machine import PinnedBase, build_command, default_mac
 from vmforge.runtime.state import VmState
 
@@ -45,7 +44,7 @@ def test_house_rules(tmp_path):
     qmp = [c for c in _options(argv, "-chardev") if c.startswith("socket,")]
     assert qmp == [f"socket,id=qmp,path={st.dir.absolute() / 'qmp.sock'},server=on,wait=off"]
     assert not any("tcp:" in a or "telnet" in a for a in argv)
-    assert f"file,id=serial0,path={st.dir.absolute() / 'serial.log'}" in _options(argv, "-chardev")
+    assert f"file,id=serial0,path={st.dir.absolute() / 'serial.log'},append=on" in _options(argv, "-chardev")
     assert _options(argv, "-pidfile") == [str(st.dir.absolute() / "qemu.pid")]
     assert "-daemonize" in argv
     # the legacy -drive (with its format probing) is never used for disks
@@ -128,8 +127,10 @@ def test_no_sandbox_when_unsupported(tmp_path):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(MachineError, match="not implemented"):
-        build_command("qemu", VirtualHardware(nics=(Nic(network="segA"),)), _state(tmp_path), TCG)
+    # named segments are implemented (test_networks.py); forwards exist only on user NAT
+    with pytest.raises(UsageError, match="port forwards need the user-mode network"):
+        build_command("qemu", VirtualHardware(nics=(Nic(network="segA", forwards=("1:2",)),)),
+                      _state(tmp_path), TCG)
     with pytest.raises(UsageError, match="4 IDE slots"):
         build_command("qemu", VirtualHardware(machine="pc", disks=tuple(
             Disk(f"/d{i}", "raw", Bus.IDE) for i in range(5))), _state(tmp_path), TCG)

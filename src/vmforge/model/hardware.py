@@ -89,6 +89,18 @@ def parse_cpus(text: str | int) -> int:
     return value
 
 
+def parse_forward(text: str) -> tuple[int, int]:
+    """``"HOST:GUEST"`` TCP ports -> (host, guest). Raises UsageError."""
+    host, sep, guest = text.partition(":")
+    try:
+        ports = (int(host, 10), int(guest, 10)) if sep else None
+    except ValueError:
+        ports = None
+    if ports is None or not all(0 < p < 65536 for p in ports):
+        raise UsageError(f"invalid port forward {text!r}", hint="use HOST:GUEST, e.g. 2222:22")
+    return ports
+
+
 @dataclass(frozen=True)
 class Disk:
     """One disk. ``format`` is always explicit: a guest-written header never changes it."""
@@ -113,8 +125,14 @@ class Nic:
     model: NicModel = NicModel.VIRTIO
     mac: str | None = None
     network: str = "user"
+    #: user-mode NAT port forwards "HOST:GUEST" (TCP; the host side listens on loopback)
+    forwards: tuple[str, ...] = ()
 
     def validate(self) -> None:
+        for fwd in self.forwards:
+            parse_forward(fwd)
+        if self.forwards and self.network != "user":
+            raise UsageError("port forwards need the user-mode network (--net user)")
         if self.mac is not None:
             mac = self.mac.lower()
             if not _MAC.match(mac):
@@ -184,7 +202,8 @@ class VirtualHardware:
         try:
             disks = tuple(Disk(**dict(d, bus=_enum(Bus, d.get("bus", "virtio"), "disk bus")))
                           for d in data.get("disks", ()))
-            nics = tuple(Nic(**dict(n, model=_enum(NicModel, n.get("model", "virtio"), "NIC model")))
+            nics = tuple(Nic(**dict(n, model=_enum(NicModel, n.get("model", "virtio"), "NIC model"),
+                                    forwards=tuple(n.get("forwards", ()))))
                          for n in data.get("nics", ()))
             rest = {k: v for k, v in data.items() if k not in ("disks", "nics", "firmware")}
             hw = cls(disks=disks, nics=nics,

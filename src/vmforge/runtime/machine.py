@@ -26,11 +26,11 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import UsageError
-from ..model.hardware import Bus, Firmware, NicModel, VirtualHardware
+from ..model.hardware import Bus, Firmware, NicModel, VirtualHardware, parse_forward
 from ..util.run import CommandError, describe, run, which
 from .accel import Accel
 from .errors import GuestTimeout, LaunchError, MachineError
-from .qmp import qmp
+from .qmp import Command, qmp, qmp_session
 from .state import VmState, process_is_vm, wait_gone
 
 QEMU_SYSTEM = "qemu-system-x86_64"
@@ -135,16 +135,32 @@ def _disk_args(hw: VirtualHardware, pinned: dict[int, PinnedBase]) -> list[str]:
     return args
 
 
+def segment_group(segment: str) -> tuple[str, int]:
+    """The multicast group and port that carry the named segment (stable per name)."""
+    digest = hashlib.sha256(f"vmforge-segment/{segment}".encode()).digest()
+    # 239.255.0.0/16 is the IPv4 organization-local scope (RFC 2365): never routed beyond
+    # this site; the sender binds to loopback so frames stay on this host
+    return f"239.255.{digest[0]}.{digest[1] or 1}", 20000 + int.from_bytes(digest[2:4]) % 40000
+
+
 def _nic_args(hw: VirtualHardware, name: str) -> list[str]:
     args: list[str] = []
     for i, nic in enumerate(hw.nics):
         if nic.network == "none":
             continue  # a NIC with nothing behind it: QEMU would only warn, so omit it
-        if nic.network != "user":
-            raise MachineError(f"network segment {nic.network!r}: named networks are not "
-                               "implemented yet", hint="use --net user or --net none")
+        if nic.network == "user":
+            netdev = f"user,id=net{i}"
+            for fwd in nic.forwards:
+                host, guest = parse_forward(fwd)
+                # loopback only: a forward must not open the guest to the network
+                netdev += f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+        else:
+            # a named segment: QEMU's socket netdev on a multicast group, which needs no
+            # root (a bridge or tap would); every VM on the segment joins the same group
+            group, port = segment_group(nic.network)
+            netdev = f"socket,id=net{i},mcast={group}:{port},localaddr=127.0.0.1"
         mac = nic.mac or default_mac(name, i)
-        args += ["-netdev", f"user,id=net{i}",
+        args += ["-netdev", netdev,
                  "-device", f"{NIC_DEVICES[nic.model]},netdev=net{i},mac={mac},id=nic{i}"]
     return args
 
@@ -161,8 +177,16 @@ def _firmware_args(hw: VirtualHardware, state: VmState) -> list[str]:
 
 
 def build_command(qemu: str, hw: VirtualHardware, state: VmState, accel: Accel, *,
-                  pinned: dict[int, PinnedBase] | None = None, sandbox: bool = True) -> list[str]:
-    """The full QEMU command line for ``hw`` (pure: starts and opens nothing)."""
+                  pinned: dict[int, PinnedBase] | None = None, sandbox: bool = True,
+                  incoming: str | None = None, qmp_name: str = "qmp.sock",
+                  pid_name: str = "qemu.pid") -> list[str]:
+    """The full QEMU command line for ``hw`` (pure: starts and opens nothing).
+
+    ``incoming`` (a migration URI such as ``tcp:127.0.0.1:4444``) starts a migration
+    destination: QEMU waits for the state of the running source instead of booting. It
+    runs beside the source in the same directory, so its QMP socket and pid file get
+    other names (``qmp_name``, ``pid_name``) until the source has gone.
+    """
     hw.validate()
     d = state.dir.absolute()
     argv = [qemu, "-name", f"{state.name},process=vmforge-{state.name}",
@@ -174,8 +198,11 @@ def build_command(qemu: str, hw: VirtualHardware, state: VmState, accel: Accel, 
     argv += _firmware_args(hw, state)
     argv += _disk_args(hw, pinned or {})
     argv += _nic_args(hw, state.name)
+    # the balloon lets 'vmforge vm set --memory' take memory back from a running guest
+    argv += ["-device", "virtio-balloon-pci,id=balloon0"]
     if hw.serial:
-        argv += ["-chardev", f"file,id=serial0,path={d / 'serial.log'}",
+        # append: a migration destination writes on after what the source wrote
+        argv += ["-chardev", f"file,id=serial0,path={d / 'serial.log'},append=on",
                  "-serial", "chardev:serial0"]
     if hw.kernel:
         argv += ["-kernel", os.path.abspath(hw.kernel)]
@@ -183,9 +210,11 @@ def build_command(qemu: str, hw: VirtualHardware, state: VmState, accel: Accel, 
             argv += ["-initrd", os.path.abspath(hw.initrd)]
         if hw.append:
             argv += ["-append", hw.append]
-    argv += ["-chardev", f"socket,id=qmp,path={d / 'qmp.sock'},server=on,wait=off",
+    argv += ["-chardev", f"socket,id=qmp,path={d / qmp_name},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control",
-             "-pidfile", str(d / "qemu.pid"), "-daemonize"]
+             "-pidfile", str(d / pid_name), "-daemonize"]
+    if incoming is not None:
+        argv += ["-incoming", incoming]
     return argv
 
 
@@ -233,6 +262,10 @@ class Machine:
 
     def qmp(self, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
         return qmp(str(self.state.qmp_path.absolute()), command, args, timeout)
+
+    def qmp_session(self, commands: Sequence[Command], timeout: float = 10.0) -> list[Any]:
+        """Several QMP commands in one connection (stops at the first that fails)."""
+        return qmp_session(str(self.state.qmp_path.absolute()), commands, timeout)
 
     def wait_for_marker(self, markers: Sequence[str], timeout: float) -> tuple[str, float]:
         """Wait until one of ``markers`` appears on the serial log; (marker, seconds).

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageNotFound, UsageError
-from ..model.hardware import Disk, VirtualHardware
+from ..model.hardware import Bus, Disk, VirtualHardware
 from ..ops.clone import linked_clone
 from ..ops.image import open_image
 from . import state as vmstate
 from .accel import Accel, choose_accel
+from .cloudinit import Seed, write_seed
 from .errors import GuestTimeout, MachineError
+from .host import capacity_lock, check_capacity
 from .machine import Machine, PinnedBase, build_command, find_qemu, sandbox_supported
 
 #: what a guest prints when it is up: our test guest's marker, or a login prompt
@@ -43,8 +45,12 @@ class Started:
 def start(image: str, hw: VirtualHardware, *, name: str | None = None,
           image_format: str | None = None, untrusted: bool = False, accel: str | None = None,
           markers: tuple[str, ...] = DEFAULT_MARKERS, wait: bool = True,
-          timeout: float = 180.0, root: Path | None = None) -> Started:
+          timeout: float = 180.0, root: Path | None = None,
+          seed: Seed | None = None) -> Started:
     """Create the VM ``name`` on an overlay of ``image`` and boot it.
+
+    ``seed`` attaches a cloud-init NoCloud seed ISO (made in the state directory; its
+    instance-id is replaced by the VM's name so each VM and clone gets its own).
 
     ``hw`` gives everything but the disk. Raises ImageNotFound/ImageError for the image,
     UsageError for bad hardware, LaunchError when QEMU refuses, GuestTimeout when no
@@ -55,10 +61,7 @@ def start(image: str, hw: VirtualHardware, *, name: str | None = None,
     if not os.path.isfile(image):
         raise ImageNotFound("no such file" if not os.path.exists(image) else "not a regular file",
                             path=image)
-    for what, path in (("kernel", hw.kernel), ("initrd", hw.initrd)):
-        if path is not None and not os.path.isfile(path):
-            raise UsageError(f"{path}: no such {what} file",
-                             hint=f"--{what} names a file on this host")
+    _check_boot_files(hw)
     qemu = find_qemu()
     hw.validate()
     with open_image(image, image_format, untrusted=untrusted) as img:
@@ -66,35 +69,97 @@ def start(image: str, hw: VirtualHardware, *, name: str | None = None,
     chosen = choose_accel(qemu, accel, cache_dir=root)
     name = vmstate.check_name(name) if name else vmstate.unique_name(Path(image).stem, root)
     st = vmstate.create(name, root)
-    machine = Machine(st)
     try:
         overlay = st.overlay_path(0)
         linked_clone(image, str(overlay), "qcow2", base_fmt=base_format, absolute=True,
                      untrusted=untrusted)
         hw = replace(hw, disks=(Disk(str(overlay), "qcow2"), *hw.disks))
-        pinned = {0: PinnedBase(os.path.abspath(image), base_format)} if untrusted else {}
-        argv = build_command(qemu, hw, st, chosen, pinned=pinned,
-                             sandbox=sandbox_supported(qemu))
+        if seed is not None:
+            iso = st.dir / "seed.iso"
+            write_seed(replace(seed, instance_id=f"vmforge-{name}"), iso)
+            hw = replace(hw, disks=(*hw.disks, Disk(str(iso), "raw", bus=Bus.SATA,
+                                                    readonly=True, cdrom=True)))
         st.write_spec({
             "name": name, "hardware": hw.to_dict(), "base": os.path.abspath(image),
-            "base_format": base_format, "untrusted": untrusted, "accel": chosen.name,
-            "accel_reason": chosen.reason, "created": time.time(), "markers": list(markers),
-            "command": argv,
+            "base_format": base_format, "untrusted": untrusted, "markers": list(markers),
+            "created": time.time(),
         })
-        machine.launch(argv)
+    except BaseException:
+        vmstate.remove(st)
+        raise
+    return _boot(st, qemu, chosen, wait=wait, timeout=timeout, remove_on_failure=True)
+
+
+def boot(name: str, *, accel: str | None = None, wait: bool = True, timeout: float = 180.0,
+         root: Path | None = None) -> Started:
+    """Start the existing, stopped VM ``name`` again on its overlay (a clone, or after stop).
+
+    Raises VmNotFound, MachineError if it already runs, LaunchError, GuestTimeout.
+    """
+    st = vmstate.vm(name, root)
+    if st.running():
+        raise MachineError(f"VM {name!r} is already running")
+    qemu = find_qemu()
+    _check_boot_files(VirtualHardware.from_dict(st.read_spec()["hardware"]))
+    chosen = choose_accel(qemu, accel, cache_dir=st.dir.parent)
+    return _boot(st, qemu, chosen, wait=wait, timeout=timeout, remove_on_failure=False)
+
+
+def _check_boot_files(hw: VirtualHardware) -> None:
+    for what, path in (("kernel", hw.kernel), ("initrd", hw.initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{path}: no such {what} file",
+                             hint=f"--{what} names a file on this host")
+
+
+def launch_command(st: vmstate.VmState, qemu: str, chosen: Accel, *,
+                   incoming: str | None = None, qmp_name: str = "qmp.sock",
+                   pid_name: str = "qemu.pid") -> list[str]:
+    """The QEMU command line for the VM in ``st`` as its spec describes it."""
+    spec = st.read_spec()
+    hw = VirtualHardware.from_dict(spec["hardware"])
+    base = spec.get("base")
+    pinned = ({0: PinnedBase(str(base), str(spec["base_format"]))}
+              if spec.get("untrusted") and base else {})
+    return build_command(qemu, hw, st, chosen, pinned=pinned, sandbox=sandbox_supported(qemu),
+                         incoming=incoming, qmp_name=qmp_name, pid_name=pid_name)
+
+
+def _boot(st: vmstate.VmState, qemu: str, chosen: Accel, *, wait: bool, timeout: float,
+          remove_on_failure: bool) -> Started:
+    """Launch QEMU for a VM directory that has its spec and overlay; wait for the guest."""
+    machine = Machine(st)
+    spec = st.read_spec()
+    markers = tuple(spec.get("markers") or DEFAULT_MARKERS)
+    try:
+        argv = launch_command(st, qemu, chosen)
+        st.write_spec(dict(spec, accel=chosen.name, accel_reason=chosen.reason, command=argv))
+        _rotate_log(st)
+        with capacity_lock(st.dir.parent):
+            check_capacity([VirtualHardware.from_dict(spec["hardware"])], st.dir.parent,
+                           exclude=st.name)
+            machine.launch(argv)
     except BaseException:
         machine.kill()
-        vmstate.remove(st)
+        if remove_on_failure:
+            vmstate.remove(st)
         raise
     qmp_seconds = machine.qmp_ready_seconds or 0.0
     if not wait:
-        return Started(name, st, chosen, qmp_seconds, None, None)
+        return Started(st.name, st, chosen, qmp_seconds, None, None)
     try:
         marker, seconds = machine.wait_for_marker(markers, timeout)
     except (GuestTimeout, BaseException):
         machine.kill()
         raise
-    return Started(name, st, chosen, qmp_seconds, marker, seconds + qmp_seconds)
+    return Started(st.name, st, chosen, qmp_seconds, marker, seconds + qmp_seconds)
+
+
+def _rotate_log(st: vmstate.VmState) -> None:
+    # the serial log is opened in append mode (a migration's destination writes on after
+    # the source), so the log of an earlier boot is moved aside: its marker must not count
+    if st.serial_path.exists():
+        os.replace(st.serial_path, st.serial_path.with_suffix(".log.1"))
 
 
 def describe_vm(st: vmstate.VmState) -> dict[str, Any]:
