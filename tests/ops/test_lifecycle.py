@@ -327,3 +327,17 @@ def test_full_clone_is_independent(tmp_path: Path, pattern_file) -> None:
     assert_clean_error(run_vmforge("clone", golden, tmp_path / "x.qcow2"))
     assert_clean_error(run_vmforge("clone", "--linked", "-O", "raw", golden, tmp_path / "y.raw"),
                        contains="backing file")
+
+
+@pytest.mark.parametrize("subformat", ["monolithicFlat", "twoGbMaxExtentSparse"])
+def test_full_clone_of_a_multi_file_vmdk_is_a_real_copy(tmp_path: Path, subformat: str) -> None:
+    """A descriptor naming extent files is converted, never copied as a lone descriptor."""
+    src = tmp_path / "src" / "disk.vmdk"
+    src.parent.mkdir()
+    qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", src, "4M")
+    qemu_io(src, ["write -P 0x42 1M 64K"], fmt="vmdk")
+    expected = _raw(src, "vmdk")
+    clone = tmp_path / "clone.vmdk"
+    vmforge_ok("clone", "--full", src, clone)
+    shutil.rmtree(src.parent)  # the clone must not depend on the source's extent files
+    assert _raw(clone, "vmdk") == expected

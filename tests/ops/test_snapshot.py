@@ -279,6 +279,15 @@ def test_savevm_state_survives_operations_on_other_snapshots(tmp_path: Path) -> 
     assert "rror" not in out, out  # QEMU reads the VM state back without complaint
     vmforge_ok("snapshot", "-a", "vmsnap", img)
     assert_clean(img)
+    # a full clone of a standalone image is the file itself: the VM state comes along
+    clone = tmp_path / "clone.qcow2"
+    vmforge_ok("clone", "--full", img, clone)
+    assert_clean(clone)
+    assert snapshot_names(clone) == snapshot_names(img)
+    assert vmforge_ok("snapshot", "-l", clone).stdout.replace(str(clone), "") == \
+        vmforge_ok("snapshot", "-l", img).stdout.replace(str(img), "")
+    out = _monitor(clone, ["loadvm vmsnap", "info snapshots"])
+    assert "rror" not in out, out
 
 
 @pytest.mark.parametrize("config", ["v3-64k", "v3-4k", "v2", "extl2"])
