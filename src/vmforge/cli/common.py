@@ -13,6 +13,22 @@ from ..model import parse_size
 Sub = Any  # argparse's _SubParsersAction is private
 
 
+class Lazy:
+    """A module imported on first use, so that commands needing heavy parts (the QEMU
+    runtime, OVA packages) do not slow down the start of every other command."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            import importlib
+
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
 def command(sub: Sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
     """A subcommand whose help ends with its examples, laid out as written."""
     return sub.add_parser(  # type: ignore[no-any-return]

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..packages.ova import import_ova
-from .common import Sub, command
+from .common import Lazy, Sub, command
+
+if TYPE_CHECKING:
+    from ..packages import ova
+else:
+    ova = Lazy("vmforge.packages.ova")
 
 
 def register(sub: Sub) -> None:
@@ -26,7 +31,7 @@ def register(sub: Sub) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    hw, files = import_ova(args.package, args.outdir, out_fmt=args.out_fmt,
+    hw, files = ova.import_ova(args.package, args.outdir, out_fmt=args.out_fmt,
                            configuration=args.configuration, require_manifest=not args.no_manifest)
     if not args.q:
         for name in files:

@@ -6,21 +6,28 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..model import human_size
 from ..model.hardware import Nic, VirtualHardware, parse_cpus, parse_memory
-from ..runtime import clones as vmclones
-from ..runtime import host as vmhost
-from ..runtime import migrate as vmmigrate
-from ..runtime import snapshots as vmsnap
-from ..runtime import state as vmstate
-from ..runtime import vm as vmrun
-from ..runtime.cloudinit import Seed, check_hostname, read_user_data, ssh_key
-from ..runtime.errors import MachineError
-from ..runtime.machine import Machine
-from .common import Sub, add_output, command, print_json
+from .common import Lazy, Sub, add_output, command, print_json
+
+if TYPE_CHECKING:
+    from ..runtime import clones as vmclones
+    from ..runtime import cloudinit
+    from ..runtime import errors as rterrors
+    from ..runtime import host as vmhost
+    from ..runtime import machine as rtmachine
+    from ..runtime import migrate as vmmigrate
+    from ..runtime import snapshots as vmsnap
+    from ..runtime import state as vmstate
+    from ..runtime import vm as vmrun
+    from ..runtime.cloudinit import Seed
+else:  # the QEMU runtime (asyncio, qemu.qmp) is loaded only by the commands that use it
+    vmclones, cloudinit, rterrors, vmhost, rtmachine, vmmigrate, vmsnap, vmstate, vmrun = (
+        Lazy(f"vmforge.runtime.{m}") for m in ("clones", "cloudinit", "errors", "host",
+                                               "machine", "migrate", "snapshots", "state", "vm"))
 
 #: a sanity bound for --count (each VM is a QEMU process with its own memory)
 MAX_COUNT = 64
@@ -176,9 +183,10 @@ def _hardware(args: argparse.Namespace) -> VirtualHardware:
 def _seed(args: argparse.Namespace) -> Seed | None:
     if not (args.cloud_init or args.ssh_key or args.hostname):
         return None
-    user_data = read_user_data(args.cloud_init) if args.cloud_init else b"#cloud-config\n"
-    return Seed("pending", user_data, check_hostname(args.hostname) if args.hostname else None,
-                tuple(ssh_key(k) for k in args.ssh_key))
+    user_data = cloudinit.read_user_data(args.cloud_init) if args.cloud_init else b"#cloud-config\n"
+    hostname = cloudinit.check_hostname(args.hostname) if args.hostname else None
+    return cloudinit.Seed("pending", user_data, hostname,
+                          tuple(cloudinit.ssh_key(k) for k in args.ssh_key))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -234,7 +242,7 @@ def _follow(st: vmstate.VmState) -> int:
                 return 0
             time.sleep(0.2)
     except KeyboardInterrupt:
-        how = Machine(st).stop()
+        how = rtmachine.Machine(st).stop()
         print(f"VM {st.name} stopped ({how})", file=sys.stderr)
         return 130
 
@@ -244,7 +252,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for st in vmstate.all_vms():
         try:
             rows.append(vmrun.describe_vm(st))
-        except MachineError:
+        except rterrors.MachineError:
             rows.append({"name": st.name, "status": "incomplete", "pid": None})
     if args.output == "json":
         print_json(rows)
