@@ -70,3 +70,18 @@ def test_row27_recorded_raw_backing_is_never_reprobed(raw_disk_with_qcow2_header
     proc = run_vmforge("convert", "--untrusted", "-f", "raw", "-O", "qcow2",
                        raw_disk_with_qcow2_header, tmp_path / "x.qcow2")
     assert_clean_error(proc, contains="named raw but the file is qcow2")
+
+
+def test_row9_quota_refuses_before_writing_even_a_compressed_bomb(tmp_path: Path) -> None:
+    """A qcow2 claiming 64 TiB (every cluster could map one shared compressed cluster):
+    refused by the quota before any output exists."""
+    big = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", big, "64T")
+    out = tmp_path / "out.raw"
+    proc = run_vmforge("convert", "--untrusted", "--max-virtual-size", "100G", "-O", "raw",
+                       big, out)
+    assert_clean_error(proc, contains="exceeds the quota")
+    assert list(tmp_path.iterdir()) == [big]
+    small = tmp_path / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", small, "1G")
+    vmforge_ok("convert", "--max-virtual-size", "1G", "-O", "qcow2", small, tmp_path / "ok.qcow2")

@@ -66,6 +66,8 @@ def register(sub: Sub) -> None:
     p.add_argument("-n", dest="skip_create", action="store_true",
                    help="write into an existing destination instead of creating it")
     p.add_argument("-m", dest="workers", type=int, help="parallel workers (default: CPUs)")
+    p.add_argument("--max-virtual-size", type=size_arg, metavar="SIZE",
+                   help="refuse sources whose virtual disk is larger (a quota)")
     p.add_argument("-q", action="store_true", help="quiet")
     add_safety(p)
     p.add_argument("files", nargs="+", metavar="FILE",
@@ -207,7 +209,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             sparse_size=args.sparse, progress=bar, workers=args.workers, snapshot=args.snapshot,
             untrusted=args.untrusted, allow_data_file=args.allow_data_file,
             skip_create=args.skip_create, stream_fd=stream_fd, parents=args.parent,
-            replay_log=args.replay_log)
+            replay_log=args.replay_log, max_virtual_size=args.max_virtual_size)
     if args.progress and not args.q:
         took = time.perf_counter() - started
         print(f"{shown}: {human_size(stats.written_bytes)} written from "

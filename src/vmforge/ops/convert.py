@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ..engine.copy import ChainSource, ConcatSource, CopyStats, Progress, Source, copy
-from ..errors import UnsupportedFeature, UsageError
+from ..errors import LimitExceeded, UnsupportedFeature, UsageError
 from ..formats import Format, ImageWriter, get_format
 from ..model import align_up
 from .create import backing_ref
@@ -33,6 +33,7 @@ def convert(
     allow_data_file: bool = False,
     skip_create: bool = False,
     stream_fd: int | None = None,
+    max_virtual_size: int | None = None,
     parents: Sequence[str] = (),
     replay_log: bool = False,
 ) -> CopyStats:
@@ -77,6 +78,13 @@ def convert(
         max_depth = 0 if ref is not None else None
         parts = [ChainSource(img.chain, max_depth) for img in images]
         source: Source = parts[0] if len(parts) == 1 else ConcatSource(parts)
+        if max_virtual_size is not None and source.virtual_size > max_virtual_size:
+            # SECURITY.md row 9: refused before anything is written; this also bounds a
+            # compressed image whose clusters all share one tiny compressed cluster
+            raise LimitExceeded(
+                f"virtual size {source.virtual_size} bytes exceeds the quota of "
+                f"{max_virtual_size} bytes", path=paths[0], limit="max virtual size",
+                hint="raise --max-virtual-size if this image is expected")
         for img in images:
             if not streaming and os.path.exists(dest) and os.path.samefile(img.path, dest):
                 raise UsageError(f"{dest} is both a source and the destination")
