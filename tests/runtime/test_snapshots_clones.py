@@ -157,8 +157,11 @@ def test_three_linked_clones_run_at_once_then_restart_one(guest, vm_root, tmp_pa
 
     # a killed clone starts again on its own overlay; the old boot's log is kept aside
     # (--no-wait: the boot itself was checked above, this saves a TCG boot of CI time)
-    vmforge_ok("vm", "kill", "lc-2")
     st = VmState(vm_root / "lc-2")
+    deadline = time.monotonic() + 60  # the counter's first line, however loaded the host
+    while b"VMFORGE-COUNT" not in st.serial_path.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    vmforge_ok("vm", "kill", "lc-2")
     old_log = st.serial_path.read_bytes()
     again = json.loads(vmforge_ok("vm", "start", "lc-2", "--no-wait", "--output", "json").stdout)
     assert again["marker"] is None and st.running()
