@@ -7,8 +7,6 @@ from __future__ import annotations
 import bz2
 import io
 import json
-import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,21 +67,6 @@ def test_reports_format_and_size_like_qemu(fmt: str, options: str,
 
 
 # -- references: named, refused in untrusted mode, never opened -------------------------------
-
-
-@pytest.fixture
-def opened_files() -> Iterator[list[str]]:
-    """Every path the process opens while the test body runs (Python's audit hook)."""
-    seen: list[str] = []
-    active = [True]
-
-    def hook(event: str, args: tuple[object, ...]) -> None:
-        if active[0] and event == "open" and isinstance(args[0], (str, bytes)):
-            seen.append(os.fsdecode(args[0]))
-
-    sys.addaudithook(hook)
-    yield seen
-    active[0] = False
 
 
 def _references(tmp_path: Path) -> dict[str, tuple[Path, str]]:

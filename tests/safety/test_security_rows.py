@@ -5,8 +5,6 @@ another format) and 27 (a guest that wrote an image header into its own raw disk
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,20 +24,6 @@ def raw_disk_with_qcow2_header(tmp_path: Path) -> Path:
     return disk
 
 
-@pytest.fixture
-def opened() -> Iterator[list[str]]:
-    seen: list[str] = []
-    active = [True]
-
-    def hook(event: str, args: tuple[object, ...]) -> None:
-        if active[0] and event == "open" and isinstance(args[0], (str, bytes)):
-            seen.append(os.fsdecode(args[0]))
-
-    sys.addaudithook(hook)
-    yield seen
-    active[0] = False
-
-
 def test_row19_raw_output_that_would_probe_as_qcow2_is_refused(
         raw_disk_with_qcow2_header: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
@@ -55,14 +39,14 @@ def test_row19_raw_output_that_would_probe_as_qcow2_is_refused(
 
 
 def test_row27_recorded_raw_backing_is_never_reprobed(raw_disk_with_qcow2_header: Path,
-                                                      tmp_path: Path, opened: list[str]) -> None:
+                                                      tmp_path: Path, opened_files: list[str]) -> None:
     overlay = tmp_path / "vm.qcow2"
     vmforge_ok("create", "-q", "-f", "qcow2", "-b", raw_disk_with_qcow2_header.name, "-F", "raw",
                overlay, cwd=tmp_path)
     out = tmp_path / "flat.qcow2"
-    opened.clear()
+    opened_files.clear()
     vmforge_ok("convert", "-O", "qcow2", overlay, out)
-    assert "/etc/passwd" not in opened, "the guest's fake header was followed"
+    assert "/etc/passwd" not in opened_files, "the guest's fake header was followed"
     back = tmp_path / "back.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", out, back)
     assert back.read_bytes() == raw_disk_with_qcow2_header.read_bytes()

@@ -3,16 +3,12 @@ a chosen size, and the data regions of an image (for writers that map sparse fil
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from ..engine.copy import ChainSource, copy
-from ..errors import OutputError
 from ..formats import get_format
 from ..model import ExtentKind, align_up
 from ..ops import open_image
@@ -84,15 +80,3 @@ def region_bytes(img: Image, regions: list[tuple[int, int]]) -> Iterator[bytes]:
             off += step
 
 
-@contextlib.contextmanager
-def workdir(beside: str) -> Iterator[str]:
-    """A private directory beside ``beside`` (same file system), removed afterwards."""
-    directory = os.path.dirname(os.path.abspath(beside))
-    try:
-        work = tempfile.mkdtemp(prefix=".vmforge-export-", dir=directory)
-    except OSError as err:
-        raise OutputError(f"{beside}: cannot create a work directory: {err.strerror}") from None
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

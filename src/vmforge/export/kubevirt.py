@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .build import ExportRequest, copy_into, workdir
+from ..ops.output import work_directory
+from .build import ExportRequest, copy_into
 from .facts import DiskFacts, Member, Subject, disk_facts
 from .rules import Profile, Rule
 
@@ -239,7 +240,7 @@ def _file_sha256(path: str) -> str:
 
 
 def build(req: ExportRequest, path: str) -> dict[str, Any]:
-    with workdir(path) as work:
+    with work_directory(path) as work:
         disk = os.path.join(work, "disk.img")
         copy_into(req, disk, "qcow2", {"compat": "1.1"})
         layer = os.path.join(work, "layer.tar")

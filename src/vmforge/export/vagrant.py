@@ -15,7 +15,8 @@ import tarfile
 import time
 from typing import Any
 
-from .build import ExportRequest, GiB, copy_into, workdir
+from ..ops.output import work_directory
+from .build import ExportRequest, GiB, copy_into
 from .facts import Subject
 from .rules import Profile, Rule
 
@@ -135,7 +136,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | None = None,
 
 
 def build(req: ExportRequest, path: str) -> dict[str, Any]:
-    with workdir(path) as work:
+    with work_directory(path) as work:
         img = os.path.join(work, "box.img")
         size = copy_into(req, img, "qcow2", {"compat": "1.1"})
         gib = -(-size // GiB)

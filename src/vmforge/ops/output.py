@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -92,3 +93,18 @@ def require_probes_as(path: str, fmt: str, dest: str) -> None:
             f"{dest}: the {fmt} output would be probed as {found} (its data starts with a "
             f"{found} header)", hint="write it in a format with a header of its own, such as "
             "qcow2, or always open it with an explicit format")
+
+
+@contextlib.contextmanager
+def work_directory(beside: str) -> Iterator[str]:
+    """A private directory beside ``beside`` (same file system, so results can be renamed
+    into place), removed afterwards whatever happens."""
+    directory = os.path.dirname(os.path.abspath(beside))
+    try:
+        work = tempfile.mkdtemp(prefix=".vmforge-work-", dir=directory)
+    except OSError as err:
+        raise OutputError(f"{beside}: cannot create a work directory: {err.strerror}") from None
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

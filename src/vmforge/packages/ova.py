@@ -25,14 +25,13 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO
 
 from ..errors import CorruptImage, ImageNotFound, LimitExceeded, OutputError, UnsupportedFeature
 from ..model.hardware import Bus, Disk, Nic, NicModel, VirtualHardware
 from ..ops import convert, create, open_image
-from ..ops.output import atomic_output
+from ..ops.output import atomic_output, work_directory
 from .ovf import Descriptor, parse_ovf
 from .ovf_write import descriptor_from_hardware, write_ovf
 
@@ -317,17 +316,6 @@ def _file_digest(path: str, algo: str) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _workdir(beside: str) -> Iterator[str]:
-    directory = os.path.dirname(os.path.abspath(beside))
-    try:
-        work = tempfile.mkdtemp(prefix=".vmforge-export-", dir=directory)
-    except OSError as err:
-        raise OutputError(f"{beside}: cannot create a work directory: {err.strerror}") from None
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _add(tar: tarfile.TarFile, name: str, size: int, data: BinaryIO) -> None:
@@ -351,7 +339,7 @@ def export_ova(image: str, dest: str, *, src_fmt: str | None = None, version: st
     base = re.sub(r"[^A-Za-z0-9_.-]", "_", base)[:48].lstrip(".") or "vm"
     disk_name, ovf_name, mf_name = f"{base}-disk1.vmdk", f"{base}.ovf", f"{base}.mf"
     algo = "SHA1" if version.startswith("1") else "SHA256"
-    with _workdir(dest) as work:
+    with work_directory(dest) as work:
         vmdk = os.path.join(work, disk_name)
         with open_image(image, src_fmt, untrusted=untrusted) as img:
             capacity = img.virtual_size
