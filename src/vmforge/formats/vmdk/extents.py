@@ -9,6 +9,7 @@ grain tables are read on demand into a small cache.
 
 from __future__ import annotations
 
+import abc
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ _UNALLOC, _ZERO, _DATA = 0, 1, 2
 COMPRESSED_INDEX_SHIFT = 48
 
 
-class VmdkExtent:
+class VmdkExtent(abc.ABC):
     """One extent of the disk; subclasses fill in the mapping."""
 
     #: what qemu-img info shows as the extent's "format" ("" for the image's own file)
@@ -53,9 +54,9 @@ class VmdkExtent:
     def end(self) -> int:
         return self.start + self.size
 
+    @abc.abstractmethod
     def iter_extents(self, start: int, end: int) -> Iterator[Extent]:
         """Extents of ``[start, end)`` (guest offsets inside this extent)."""
-        raise NotImplementedError
 
     def read_host(self, extent: Extent, buf: memoryview) -> None:
         assert self.host is not None and extent.host_offset is not None
