@@ -17,15 +17,34 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from .errors import MachineError
 
 Command = tuple[str, dict[str, Any] | None]
+#: how long a failed QMP negotiation is retried (the previous client still closing)
+NEGOTIATION_RETRY_SECONDS = 5.0
+
+
+async def _connect(path: str, timeout: float) -> QMPClient:
+    """A negotiated client. QEMU serves one QMP client at a time: while the previous
+    session is still being torn down (a busy host), negotiation can fail; retry briefly."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(timeout, NEGOTIATION_RETRY_SECONDS)
+    while True:
+        client = QMPClient("vmforge")
+        try:
+            await asyncio.wait_for(client.connect(path), timeout)
+            return client
+        except QMPError as err:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+            if loop.time() >= deadline:
+                raise MachineError(f"cannot reach the VM's QMP socket {path}: {err}",
+                                   hint="is the VM running? see 'vmforge vm list'") from None
+            await asyncio.sleep(0.2)
+        except (TimeoutError, OSError) as err:
+            raise MachineError(f"cannot reach the VM's QMP socket {path}: {err or 'timed out'}",
+                               hint="is the VM running? see 'vmforge vm list'") from None
 
 
 async def _session(path: str, commands: Sequence[Command], timeout: float) -> list[Any]:
-    client = QMPClient("vmforge")
-    try:
-        await asyncio.wait_for(client.connect(path), timeout)
-    except (TimeoutError, OSError, QMPError) as err:
-        raise MachineError(f"cannot reach the VM's QMP socket {path}: {err or 'timed out'}",
-                           hint="is the VM running? see 'vmforge vm list'") from None
+    client = await _connect(path, timeout)
     results: list[Any] = []
     try:
         for name, args in commands:
