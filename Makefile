@@ -54,6 +54,9 @@ $(VPY):
 # Re-run pip only when pyproject.toml changed since the last successful install.
 $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@# the editable build leaves src/*.egg-info behind (a copy of the README); the
+	@# installed metadata lives in the venv's dist-info, so src/ keeps only sources
+	@rm -rf src/*.egg-info
 	@touch $@
 
 demo: setup  ## build a sample disk, convert it to every format and verify with qemu-img
