@@ -9,16 +9,17 @@ import argparse
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import ops
 from ..errors import CompareError, UnsupportedFeature, VmforgeError
-from ..formats import list_formats
 from ..model import human_size
-from ..model.check import EXIT_UNSUPPORTED, CheckResult
-from ..model.info import ImageInfo
 from .common import CommandFailed, Sub, add_output, add_safety, command, die, parse_o, print_json, size_arg
 from .progress import progress_bar
+
+if TYPE_CHECKING:
+    from ..model.check import CheckResult
+    from ..model.info import ImageInfo
 
 
 def register(sub: Sub) -> None:
@@ -66,6 +67,10 @@ def register(sub: Sub) -> None:
     p.add_argument("-n", dest="skip_create", action="store_true",
                    help="write into an existing destination instead of creating it")
     p.add_argument("-m", dest="workers", type=int, help="parallel workers (default: CPUs)")
+    p.add_argument("-W", dest="out_of_order", action="store_true",
+                   help="write ranges in the order they finish (output layout may vary)")
+    p.add_argument("--compression-level", type=int, metavar="N",
+                   help="compression level (zlib 1-9, zstd 1-19; default: the format's)")
     p.add_argument("--max-virtual-size", type=size_arg, metavar="SIZE",
                    help="refuse sources whose virtual disk is larger (a quota)")
     p.add_argument("-q", action="store_true", help="quiet")
@@ -206,7 +211,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         stats = ops.convert(
             sources, dest, args.out_fmt, src_fmt=args.fmt, options=options,
             compress=args.compress, backing=args.backing, backing_fmt=args.backing_fmt,
-            sparse_size=args.sparse, progress=bar, workers=args.workers, snapshot=args.snapshot,
+            sparse_size=args.sparse, progress=bar, workers=args.workers,
+            out_of_order=args.out_of_order, compression_level=args.compression_level,
+            snapshot=args.snapshot,
             untrusted=args.untrusted, allow_data_file=args.allow_data_file,
             skip_create=args.skip_create, stream_fd=stream_fd, parents=args.parent,
             replay_log=args.replay_log, max_virtual_size=args.max_virtual_size)
@@ -289,6 +296,8 @@ def _map_json_line(e: dict[str, Any]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from ..model.check import EXIT_UNSUPPORTED
+
     if args.repair:
         from .snapshots import cmd_check_repair
 
@@ -355,6 +364,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_formats(args: argparse.Namespace) -> int:
+    from ..formats import list_formats
+
     rows: list[dict[str, Any]] = []
     for fmt in list_formats():
         caps = fmt.capabilities

@@ -7,13 +7,20 @@ decompression all happen here, so formats never write a read loop of their own.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 from ..model import Extent
 from .chain import Chain
 from .codec import decompress
 
 _CACHE_UNITS = 8
+
+
+class HostFileLike(Protocol):
+    """What the engine needs of a layer's file (formats.base.HostFile provides it)."""
+
+    fd: int
+    size: int
 
 
 class ExtentStream:
@@ -45,6 +52,28 @@ class ExtentStream:
                 f"read of {length} bytes at {offset} is outside the disk ({self.virtual_size} bytes)")
         for ext in self.chain.iter_extents(offset, length):
             self.read_extent(ext, buf[ext.start - offset: ext.end - offset])
+
+    def verbatim(self, offset: int, length: int) -> tuple[HostFileLike, int] | None:
+        """``(file, host offset)`` when guest bytes ``[offset, offset+length)`` lie as they
+        are, contiguously, in one file inside its size (the copy engine then copies them
+        in the kernel); None when any part is compressed, lies elsewhere, or reads zero
+        without the file reading zero there (the reader's ``verbatim_file`` decides)."""
+        found: tuple[HostFileLike, int] | None = None
+        expect = 0
+        for ext in self.chain.iter_extents(offset, length):
+            if ext.compressed or ext.host_offset is None:
+                return None
+            host = self.chain.layers[ext.depth].verbatim_file(ext)
+            if host is None:
+                return None
+            if found is None:
+                found, expect = (host, ext.host_offset), ext.host_offset
+            elif host is not found[0] or ext.host_offset != expect:
+                return None
+            expect += ext.length
+        if found is None or expect > found[0].size:
+            return None
+        return found
 
     def read_extent(self, ext: Extent, out: memoryview) -> None:
         """Write the guest bytes of one resolved extent into ``out`` (len == ext.length)."""

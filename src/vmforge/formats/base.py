@@ -12,14 +12,16 @@ import errno
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import ImageNotFound, TruncatedImage, UnsupportedFeature
 from ..model import Extent
 from ..model.check import CheckResult
 from ..model.info import BackingRef, ImageInfo
 from ..model.inspection import FormatFacts
+
+if TYPE_CHECKING:  # annotations only: pathlib is not needed to open an image
+    from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,17 @@ class ImageReader(abc.ABC):
     def read_host(self, extent: Extent, buf: memoryview) -> None:
         """Fill ``buf`` with the stored bytes of a DATA extent (compressed: the stored unit)."""
 
+    def verbatim_file(self, extent: Extent) -> HostFile | None:
+        """The file holding a DATA extent's bytes verbatim at ``extent.host_offset``.
+
+        None when they are not stored plainly (compressed, or checked as they are read):
+        the copy engine then reads through ``read_host``. Where a file is returned, the
+        engine may map it and copy from it in the kernel, so only say so when a read
+        would be exactly ``preadinto(buf, extent.host_offset)``. An extent that reads
+        zero qualifies only when the file reads zero there too (a hole in the file).
+        """
+        return None
+
     @abc.abstractmethod
     def info(self) -> ImageInfo:
         """What ``vmforge info`` shows about this layer."""
@@ -206,6 +219,10 @@ class ImageWriter(abc.ABC):
     #: True when every unit must be stored compressed, even one that does not shrink
     #: (streamOptimized VMDK has no uncompressed grains); the engine then always compresses
     compress_always: bool = False
+    #: True when ``write`` also takes a ``util.fileio.FileSpan`` (bytes still in a source
+    #: file) and only slices it and hands it to ``pwrite_all``; the engine then copies
+    #: verbatim source data with copy_file_range instead of through a buffer
+    accepts_spans: bool = False
 
     @abc.abstractmethod
     def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -215,8 +232,9 @@ class ImageWriter(abc.ABC):
         """Mark a range as reading zero even if a backing file has data there."""
         self.write(offset, bytes(length))
 
-    def compressor(self) -> Any:
-        """A thread-safe callable ``bytes -> bytes | None`` for one unit, or None if not compressing."""
+    def compressor(self, level: int | None = None) -> Any:
+        """A thread-safe callable ``bytes -> bytes | None`` for one unit, or None if not
+        compressing; ``level`` overrides the format's default compression level."""
         return None
 
     def write_compressed(self, offset: int, stored: bytes) -> None:

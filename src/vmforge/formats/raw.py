@@ -14,7 +14,7 @@ from ..errors import OptionError, OutputError, UnsupportedFeature
 from ..model import Extent, ExtentKind, align_up
 from ..model.info import ImageInfo
 from ..model.inspection import FormatFacts
-from ..util.fileio import pwrite_all, write_zeros, zero_range
+from ..util.fileio import WriteData, pwrite_all, write_zeros, zero_range
 from ..util.sink import AppendSink
 from .base import (
     BackingRef,
@@ -58,6 +58,9 @@ class RawReader(ImageReader):
         assert extent.host_offset is not None
         self.host.preadinto(buf, extent.host_offset)
 
+    def verbatim_file(self, extent: Extent) -> HostFile | None:
+        return self.host  # a raw disk's zero extents are holes of this very file
+
     def info(self) -> ImageInfo:
         return ImageInfo(filename=self.path, format="raw", virtual_size=self.virtual_size,
                          actual_size=self.host.allocated)
@@ -71,6 +74,7 @@ PREALLOC_MODES = ("off", "falloc", "full")
 
 class RawWriter(ImageWriter):
     granularity = 512  # holes at sector granularity; -S decides how long a hole must be
+    accepts_spans = True  # write() only slices data and passes it to pwrite_all
 
     def __init__(self, path: str, size: int, preallocation: str = "off",
                  existing: bool = False) -> None:
@@ -95,7 +99,7 @@ class RawWriter(ImageWriter):
             os.close(self.fd)
             raise OutputError(f"{path}: cannot size the file: {err.strerror}") from None
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: WriteData) -> None:
         pwrite_all(self.fd, data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:

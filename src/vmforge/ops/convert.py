@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ..engine.copy import ChainSource, ConcatSource, CopyStats, Progress, Source, copy
 from ..errors import LimitExceeded, UnsupportedFeature, UsageError
@@ -13,6 +14,9 @@ from ..model import align_up
 from .create import backing_ref
 from .image import Image, open_image
 from .output import atomic_output, finishing, require_probes_as
+
+#: more threads than this only add queueing (each holds a 4 MiB chunk in flight)
+MAX_WORKERS = 64
 
 
 def convert(
@@ -28,6 +32,8 @@ def convert(
     sparse_size: int = 4096,
     progress: Progress | None = None,
     workers: int | None = None,
+    out_of_order: bool = False,
+    compression_level: int | None = None,
     snapshot: str | None = None,
     untrusted: bool = False,
     allow_data_file: bool = False,
@@ -48,6 +54,10 @@ def convert(
     ``dest`` "-" writes the image as a stream to ``stream_fd`` (standard output: a
     pipe, socket or file), in order and without seeking; only formats that can be
     streamed (raw, streamOptimized VMDK) accept it. A failure leaves the stream short.
+
+    ``workers`` threads read, scan and compress (default: the CPUs); ``out_of_order``
+    (qemu-img -W) lets ranges reach the writer in the order they finish;
+    ``compression_level`` overrides the output format's default level.
     """
     paths = [sources] if isinstance(sources, str) else list(sources)
     if not paths:
@@ -67,6 +77,9 @@ def convert(
         raise UsageError("compression cannot be combined with preallocation")
     if snapshot is not None and len(paths) > 1:
         raise UsageError("-l (snapshot) works with a single source")
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"-m {workers}: the number of workers must be 1 to {MAX_WORKERS}")
+    tuning = _Tuning(workers, out_of_order, compression_level)
     images: list[Image] = []
     with contextlib.ExitStack() as stack:
         for p in paths:
@@ -92,7 +105,7 @@ def convert(
             assert stream_fd is not None
             writer = format_cls.create_stream(stream_fd, align_up(source.virtual_size, 512), opts)
             stats = _run(source, writer, "standard output", explicit_zeroes=False,
-                         sparse_size=sparse_size, compress=compress, workers=workers,
+                         sparse_size=sparse_size, compress=compress, tuning=tuning,
                          progress=progress)
         elif skip_create:
             if ref is not None:
@@ -103,13 +116,13 @@ def convert(
                 raise UsageError(f"{dest} is smaller ({writer.virtual_size} bytes) than the source "
                                  f"({source.virtual_size} bytes)")
             stats = _run(source, writer, dest, explicit_zeroes=True, sparse_size=sparse_size,
-                         compress=compress, workers=workers, progress=progress)
+                         compress=compress, tuning=tuning, progress=progress)
         else:
             with atomic_output(dest) as tmp:
                 writer = format_cls.create(tmp, align_up(source.virtual_size, 512), opts, ref,
                                            None)
                 stats = _run(source, writer, dest, explicit_zeroes=ref is not None,
-                             sparse_size=sparse_size, compress=compress, workers=workers,
+                             sparse_size=sparse_size, compress=compress, tuning=tuning,
                              progress=progress)
                 require_probes_as(tmp, format_cls.name, dest)
     return stats
@@ -133,11 +146,24 @@ def _check_streamable(format_cls: type[Format], opts: Mapping[str, str], stream_
             hint="give an output file name, or use -O raw or -O vmdk -o subformat=streamOptimized")
 
 
+@dataclass(frozen=True)
+class _Tuning:
+    """How the copy runs, not what it produces (except the layout with out_of_order)."""
+
+    workers: int | None
+    out_of_order: bool
+    compression_level: int | None
+
+
 def _run(source: Source, writer: ImageWriter, dest: str, *, explicit_zeroes: bool,
-         sparse_size: int, compress: bool, workers: int | None,
+         sparse_size: int, compress: bool, tuning: _Tuning,
          progress: Progress | None) -> CopyStats:
     """Copy and finish the writer; abort it on any failure."""
     with finishing(writer, dest):
+        if tuning.compression_level is not None and not (compress or writer.compress_always):
+            raise UsageError("--compression-level needs compressed output",
+                             hint="add -c, or choose -O vmdk -o subformat=streamOptimized")
         return copy(source, writer, explicit_zeroes=explicit_zeroes, sparse=sparse_size > 0,
-                    sparse_size=max(sparse_size, 512), compress=compress, workers=workers,
-                    progress=progress)
+                    sparse_size=max(sparse_size, 512), compress=compress,
+                    workers=tuning.workers, out_of_order=tuning.out_of_order,
+                    compression_level=tuning.compression_level, progress=progress)

@@ -252,8 +252,8 @@ def test_compression_runs_in_the_engine_workers(pattern_file, tmp_path, monkeypa
     threads: set[str] = set()
     real_compressor = StreamOptimizedWriter.compressor
 
-    def counting_compressor(self):
-        inner = real_compressor(self)
+    def counting_compressor(self, level=None):
+        inner = real_compressor(self, level)
 
         def compress(unit):
             threads.add(threading.current_thread().name)

@@ -121,6 +121,11 @@ class ParallelsReader(ImageReader):
         assert extent.host_offset is not None
         self.host.preadinto(buf, extent.host_offset)
 
+    def verbatim_file(self, extent: Extent) -> HostFile | None:
+        if extent.reads_zero and not extent.hole:
+            return None  # zero by metadata: the host bytes may hold anything
+        return self.host
+
     def info(self) -> ImageInfo:
         # qemu 7.2 has no bdrv_get_info for parallels: no cluster-size, no dirty-flag
         return ImageInfo(filename=self.path, format="parallels",

@@ -11,9 +11,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ...engine.chain import resolve_backing_path
 from ...errors import (
@@ -30,6 +28,13 @@ from ...model.info import ImageInfo, SnapshotInfo
 from ..base import BackingRef, HostFile, ImageReader, OpenOptions, file_data_runs
 from . import structs as S
 from .header import Geometry, check_table, parse_extensions, read_header
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # numpy loads with the first table read: ``vmforge info`` reads none
+    from ...util.lazy import LazyModule
+
+    np = LazyModule("numpy")
 
 _L2_CACHE_TABLES = 64
 
@@ -86,7 +91,9 @@ class Qcow2Reader(ImageReader):
                 self.virtual_size = snap.disk_size
             if -(-self.virtual_size // self.geo.l2_span) > l1_size:
                 raise CorruptImage("snapshot L1 table is too small for its disk size", path=self.path)
-        self.l1 = self.read_l1(l1_offset, l1_size)
+        # bounds-checked by read_header/check_table above; read when first needed
+        self._l1_at = (l1_offset, l1_size)
+        self._l1: np.ndarray[Any, Any] | None = None
         self._l2_cache: OrderedDict[int, np.ndarray[Any, Any]] = OrderedDict()
         self._l2_lock = threading.Lock()
         self._prealloc: bool | None = None
@@ -122,6 +129,13 @@ class Qcow2Reader(ImageReader):
             raise BackingChainError(f"{self.path}: no snapshot '{key}'", path=self.path,
                                     hint="list them with 'vmforge info'")
         return matches[0]
+
+    @property
+    def l1(self) -> np.ndarray[Any, Any]:
+        """The L1 table in use (the active one, or the opened snapshot's)."""
+        if self._l1 is None:
+            self._l1 = self.read_l1(*self._l1_at)
+        return self._l1
 
     def read_l1(self, offset: int, count: int) -> np.ndarray[Any, Any]:
         raw = self.host.pread(offset, count * 8) if count else b""
@@ -377,6 +391,16 @@ class Qcow2Reader(ImageReader):
                     f"guest data at host offset {last_cluster:#x} lies past the end of the file "
                     f"({host.size} bytes)", path=host.path, offset=last_cluster)
             buf[max(got, 0):] = bytes(len(buf) - max(got, 0))
+
+    def verbatim_file(self, extent: Extent) -> HostFile | None:
+        host = self.data_host
+        if extent.compressed or extent.reads_zero or host is None or extent.host_offset is None:
+            return None  # zero clusters may keep stale bytes at their host offset
+        if extent.host_offset + extent.length > host.size:
+            return None  # a short last cluster: read_host fills in its zeros
+        if host is self.host:
+            self._refuse_metadata_overlap(extent.host_offset, extent.length)
+        return host
 
     def _refuse_metadata_overlap(self, offset: int, length: int) -> None:
         """Guest data must never come from the image's own metadata (SECURITY.md row 8)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from ...engine.codec import compressor as make_compressor
 from ...errors import OutputError, ReadOnlyImage, UnsupportedFeature
-from ...util.fileio import punch_hole, pwrite_all, write_zeros
+from ...util.fileio import WriteData, byte_view, punch_hole, pwrite_all, write_zeros
 from ..base import BackingRef, ImageWriter, OpenOptions
 from . import structs as S
 
@@ -49,6 +49,7 @@ class _L2:
 
 
 class Qcow2Writer(ImageWriter):
+    accepts_spans = True  # write() only slices data and passes it to pwrite_all
     def __init__(self, path: str, size: int, opts: Qcow2Options,
                  backing: BackingRef | None = None) -> None:
         self._setup(path, size, opts, backing)
@@ -262,8 +263,8 @@ class Qcow2Writer(ImageWriter):
 
     # -- data ----------------------------------------------------------------------------------
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
+    def write(self, offset: int, data: WriteData) -> None:
+        view = byte_view(data)
         cs = self.cs
         if offset % cs:
             raise ValueError("qcow2 writes must start on a cluster boundary")
@@ -355,8 +356,9 @@ class Qcow2Writer(ImageWriter):
         else:
             self._set_range(first, count, S.OFLAG_ZERO)
 
-    def compressor(self) -> Any:
-        return make_compressor(self._codec, self.opts.compression_level)
+    def compressor(self, level: int | None = None) -> Any:
+        return make_compressor(self._codec,
+                               self.opts.compression_level if level is None else level)
 
     def write_compressed(self, offset: int, stored: bytes) -> None:
         """Store one compressed cluster, packed after the previous one (as qemu packs them)."""

@@ -216,6 +216,11 @@ class VdiReader(ImageReader):
         assert extent.host_offset is not None
         self.host.preadinto(buf, extent.host_offset)
 
+    def verbatim_file(self, extent: Extent) -> HostFile | None:
+        if extent.reads_zero and not extent.hole:
+            return None  # zero by metadata: the host bytes may hold anything
+        return self.host
+
     def verify_parent(self, parent: Any) -> None:
         """The chain calls this with the opened parent: it must be the image whose
         uuidCreate this one links to."""

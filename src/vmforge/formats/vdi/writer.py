@@ -13,13 +13,14 @@ from dataclasses import replace
 import numpy as np
 
 from ...errors import CorruptImage, OutputError, UnsupportedFeature
-from ...util.fileio import pwrite_all, zero_range
+from ...util.fileio import WriteData, byte_view, pwrite_all, zero_range
 from ..base import BackingRef, HostFile, ImageWriter
 from . import structs as S
 from .reader import read_block_map, read_header
 
 
 class VdiWriter(ImageWriter):
+    accepts_spans = True  # write() only slices data and passes it to pwrite_all
     #: dynamic: whole blocks, so a block is allocated once and in full. Static images
     #: have every block in place already and, like raw files, keep zero runs as holes
     #: (qemu-img convert leaves them unwritten too)
@@ -109,8 +110,8 @@ class VdiWriter(ImageWriter):
             self.bmap[idx] = entry
         return self.header.offData + entry * S.BLOCK_SIZE
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
+    def write(self, offset: int, data: WriteData) -> None:
+        view = byte_view(data)
         bs = S.BLOCK_SIZE
         while len(view):
             idx, inner = divmod(offset, bs)

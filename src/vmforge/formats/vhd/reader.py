@@ -265,6 +265,11 @@ class VpcReader(ImageReader):
         assert extent.host_offset is not None
         self.host.preadinto(buf, extent.host_offset)
 
+    def verbatim_file(self, extent: Extent) -> HostFile | None:
+        if extent.reads_zero and not extent.hole:
+            return None  # zero by metadata: the host bytes may hold anything
+        return self.host
+
     def info(self) -> ImageInfo:
         info = ImageInfo(filename=self.path, format="vpc", virtual_size=self.virtual_size,
                          actual_size=self.host.allocated,

@@ -20,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from ...errors import OutputError
-from ...util.fileio import pwrite_all, zero_range
+from ...util.fileio import WriteData, byte_view, pwrite_all, zero_range
 from ..base import ImageWriter
 from . import structs as S
 from .parent import ParentLink
@@ -44,6 +44,7 @@ def make_footer(size: int, chs: tuple[int, int, int], disk_type: int, force_size
 
 
 class _VpcWriter(ImageWriter):
+    accepts_spans = True  # write() only slices data and passes it to pwrite_all
     granularity = 4096  # zero detection unit, as qemu-img's default -S 4k
 
     def __init__(self, path: str, size: int, footer: S.Footer) -> None:
@@ -81,7 +82,7 @@ class FixedWriter(_VpcWriter):
             self.abort()
             raise OutputError(f"{path}: cannot size the file: {err.strerror}") from None
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: WriteData) -> None:
         self._check_range(offset, len(data))
         pwrite_all(self.fd, data, offset)
 
@@ -188,9 +189,9 @@ class DynamicWriter(_VpcWriter):
             entry = at // S.SECTOR
         return entry * S.SECTOR + self.bitmap_size
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: WriteData) -> None:
         self._check_range(offset, len(data))
-        view = memoryview(data).cast("B")
+        view = byte_view(data)
         bs = self.block_size
         if self.present or self._may_track:
             self._mark(offset, len(view))

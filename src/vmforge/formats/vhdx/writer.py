@@ -26,7 +26,7 @@ import numpy as np
 
 from ...engine.chain import resolve_backing_path
 from ...errors import OptionError, OutputError
-from ...util.fileio import pwrite_all, zero_range
+from ...util.fileio import WriteData, byte_view, pwrite_all, zero_range
 from ..base import BackingRef, ImageWriter, OpenOptions
 from . import structs as S
 from .reader import VhdxReader
@@ -82,6 +82,7 @@ def _align(n: int, to: int = S.MiB) -> int:
 
 
 class VhdxWriter(ImageWriter):
+    accepts_spans = True  # write() only slices data and passes it to pwrite_all
     granularity = 4096
 
     def __init__(self, path: str, size: int, *, block_size: int, log_size: int, fixed: bool,
@@ -232,9 +233,9 @@ class VhdxWriter(ImageWriter):
     def _modify(self, *, data: bool) -> None:
         """Hook run before the file is first changed (an existing image updates its headers)."""
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: WriteData) -> None:
         self._modify(data=True)
-        view = memoryview(data).cast("B")
+        view = byte_view(data)
         pos = 0
         for blk, inner, n in self._pieces(offset, len(view)):
             pwrite_all(self.fd, view[pos:pos + n], self._host(blk) + inner)

@@ -65,6 +65,12 @@ class VmdkExtent(abc.ABC):
             offset &= (1 << COMPRESSED_INDEX_SHIFT) - 1
         self.host.preadinto(buf, offset)
 
+    def verbatim_file(self, extent: Extent) -> HostFile | None:
+        """Where uncompressed grains and flat data lie as they are (see ImageReader)."""
+        if extent.compressed or (extent.reads_zero and not extent.hole):
+            return None
+        return self.host
+
     def check_messages(self) -> list[str]:
         """qemu's vmdk_co_check verdict for this extent: empty when consistent."""
         return []

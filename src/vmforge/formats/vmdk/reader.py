@@ -41,6 +41,7 @@ from .descriptor import (
     Descriptor,
     ExtentLine,
     check_extent_name,
+    looks_like_text_descriptor,
     parse_descriptor,
 )
 from .extents import (
@@ -57,30 +58,6 @@ SECTOR = S.SECTOR_SIZE
 # createType values whose descriptor is a separate text file, and what qemu 7.2 accepts
 TEXT_CREATE_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse",
                      "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
-
-
-def looks_like_text_descriptor(head: bytes) -> bool:
-    """qemu's vmdk_probe for text: '#' comment lines and lines of spaces, then
-    ``version=1|2|3`` (an empty line stops the probe, as in qemu)."""
-    p, n = 0, len(head)
-    while p < n:
-        c = head[p:p + 1]
-        if c == b"#":
-            nl = head.find(b"\n", p)
-            p = n if nl < 0 else nl + 1
-            continue
-        if c == b" ":
-            while p < n and head[p:p + 1] == b" ":
-                p += 1
-            if head[p:p + 1] == b"\r":
-                p += 1
-            if p >= n or head[p:p + 1] != b"\n":
-                return False
-            p += 1
-            continue
-        return any(head.startswith(b"version=%d%s" % (v, eol), p)
-                   for v in (1, 2, 3) for eol in (b"\n", b"\r\n"))
-    return False
 
 
 def read_embedded_descriptor(host: ByteSource, h: S.SparseExtentHeader) -> Descriptor:
@@ -255,6 +232,9 @@ class VmdkReader(ImageReader):
 
     def read_host(self, extent: Extent, buf: memoryview) -> None:
         self._extent_at(extent.start).read_host(extent, buf)
+
+    def verbatim_file(self, extent: Extent) -> HostFile | None:
+        return self._extent_at(extent.start).verbatim_file(extent)
 
     # -- chain --------------------------------------------------------------------
     def verify_parent(self, parent: Any) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from ...engine.chain import resolve_backing_path
 from ...errors import ImageError, OptionError, OutputError, UnsupportedFeature
 from ...util.companions import pending_output
-from ...util.fileio import pwrite_all, zero_range
+from ...util.fileio import FileSpan, WriteData, byte_view, pwrite_all, zero_range
 from ..base import BackingRef, ImageWriter, OpenOptions
 from ..options import check_create_options, parse_flag
 from . import structs as S
@@ -182,7 +182,7 @@ class _SparseFile:
         self.gte[index] = sector
         return sector
 
-    def write(self, offset: int, data: memoryview) -> None:
+    def write(self, offset: int, data: memoryview | FileSpan) -> None:
         while len(data):
             index, inner = divmod(offset, self.grain)
             n = min(len(data), self.grain - inner)
@@ -194,7 +194,9 @@ class _SparseFile:
                     # get_whole_cluster without a parent; the engine sends whole grains
                     # except the disk's last, so a delta never hides its parent here)
                     piece = bytearray(self.grain)
-                    piece[inner:inner + n] = data[:n]
+                    head = data[:n]
+                    piece[inner:inner + n] = head.tobytes() if isinstance(head, FileSpan) \
+                        else head
                     pwrite_all(self.fd, piece, sector * SECTOR)
                     data, offset = data[n:], offset + n
                     continue
@@ -241,6 +243,7 @@ class _SparseFile:
 
 class VmdkWriter(ImageWriter):
     """monolithicSparse, monolithicFlat, twoGbMaxExtentSparse or twoGbMaxExtentFlat."""
+    accepts_spans = True  # write() only slices data and passes it to pwrite_all
 
     def __init__(self, path: str, size: int, opts: VmdkOptions, backing: BackingRef | None,
                  parent_cid: int) -> None:
@@ -313,8 +316,8 @@ class VmdkWriter(ImageWriter):
             offset += n
         return out
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
+    def write(self, offset: int, data: WriteData) -> None:
+        view = byte_view(data)
         done = 0
         for idx, inner, n in self._pieces(offset, len(view)):
             piece = view[done:done + n]
