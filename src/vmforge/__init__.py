@@ -21,21 +21,38 @@ import os as _os
 # linear algebra, and on a 2-core machine those threads steal time from the copy.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from .engine.copy import CopyStats
-from .errors import VmforgeError
-from .model import Extent, ExtentKind, human_size, parse_size
-from .model.check import CheckResult
-from .model.info import ImageInfo, SnapshotInfo
-from .ops import (
-    CompareResult,
-    Image,
-    check,
-    compare,
-    convert,
-    create,
-    measure,
-    open_image,
-)
+from typing import TYPE_CHECKING
+
+from .util.lazy import lazy_package
+
+# The public API is imported on first use (PEP 562), so that `vmforge --version` and
+# other short commands do not pay for numpy, every reader and every writer at start-up.
+_EXPORTS = {
+    "CheckResult": ".model.check", "CompareResult": ".ops.compare", "CopyStats": ".engine.copy",
+    "Extent": ".model", "ExtentKind": ".model", "Image": ".ops.image", "ImageInfo": ".model.info",
+    "SnapshotInfo": ".model.info", "VmforgeError": ".errors", "check": ".ops.check",
+    "compare": ".ops.compare", "convert": ".ops.convert", "create": ".ops.create",
+    "human_size": ".model", "measure": ".ops.measure", "open_image": ".ops.image",
+    "parse_size": ".model",
+}
+lazy_package(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from .engine.copy import CopyStats
+    from .errors import VmforgeError
+    from .model import Extent, ExtentKind, human_size, parse_size
+    from .model.check import CheckResult
+    from .model.info import ImageInfo, SnapshotInfo
+    from .ops import (
+        CompareResult,
+        Image,
+        check,
+        compare,
+        convert,
+        create,
+        measure,
+        open_image,
+    )
 
 __version__ = "0.1.0"
 

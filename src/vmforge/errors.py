@@ -25,7 +25,10 @@ assert on the field rather than the wording.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: pathlib is not needed to start the CLI
+    from pathlib import Path
 
 
 class VmforgeError(Exception):

@@ -81,3 +81,39 @@ def test_successful_convert_leaves_only_destination(tmp_path):
         assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(outdir)) == ["d.qcow2", "d.raw"]
     shutil.rmtree(outdir)
+
+
+@pytest.mark.parametrize("where", ["main file", "companion"])
+def test_interrupt_just_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch,
+                                                                         where):
+    """Ctrl-C can land between the kernel creating the temporary file and Python binding
+    its descriptor (under load, a signal sent as soon as the file shows up does). The
+    name is chosen before the file is made, so the file is still removed."""
+    from vmforge.ops.output import atomic_output
+    from vmforge.util import companions
+    from vmforge.util.companions import pending_output
+
+    real_open, made = os.open, []
+
+    def open_then_interrupt(path, flags, mode=0o777, **kw):
+        fd = real_open(path, flags, mode, **kw)
+        if flags & os.O_EXCL:  # the name reservation, not the writer's own open
+            made.append(path)
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+
+    dest = tmp_path / "out.vmdk"
+    with pytest.raises(KeyboardInterrupt):
+        if where == "main file":
+            monkeypatch.setattr(companions.os, "open", open_then_interrupt)
+            with atomic_output(str(dest)):
+                pytest.fail("the temporary name was handed out despite the interrupt")
+        else:
+            with atomic_output(str(dest)) as tmp:
+                monkeypatch.setattr(companions.os, "open", open_then_interrupt)
+                pending = pending_output(tmp)
+                assert pending is not None
+                pending.companion("out-flat.vmdk")
+    assert made and all(p.endswith(".vmforge-tmp") for p in made), made
+    assert list(tmp_path.iterdir()) == [], "the interrupted temporary file was left behind"

@@ -5,35 +5,70 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NoReturn
 
 from ..errors import OptionError, UsageError
 from ..model import parse_size
+from ..util.lazy import LazyModule
 
 Sub = Any  # argparse's _SubParsersAction is private
 
-
-class Lazy:
-    """A module imported on first use, so that commands needing heavy parts (the QEMU
-    runtime, OVA packages) do not slow down the start of every other command."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._module: Any = None
-
-    def __getattr__(self, attr: str) -> Any:
-        if self._module is None:
-            import importlib
-
-            self._module = importlib.import_module(self._name)
-        return getattr(self._module, attr)
+#: a module imported on first use, so that commands needing heavy parts (the QEMU
+#: runtime, OVA packages) do not slow down the start of every other command
+Lazy = LazyModule
 
 
-def command(sub: Sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
-    """A subcommand whose help ends with its examples, laid out as written."""
-    return sub.add_parser(  # type: ignore[no-any-return]
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line with a hint, like every other error.
+
+    ``late_epilog`` adds text to the help that is made only when the help is shown,
+    for lists whose source is costly to import (export targets).
+    """
+
+    late_epilog: Callable[[], str] | None = None
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"see '{self.prog} --help'")
+
+    def format_help(self) -> str:
+        if self.late_epilog is not None:
+            self.epilog = (self.epilog or "") + self.late_epilog()
+            self.late_epilog = None
+        return super().format_help()
+
+
+class LazyChoices:
+    """``choices`` for argparse read from a costly module only when a command that has
+    them is parsed (give the argument a ``metavar``: argparse lists choices otherwise)."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self._load = load
+        self._values: tuple[str, ...] | None = None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._values is None:
+            self._values = tuple(self._load())
+        return self._values
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._get()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+
+def command(sub: Sub, name: str, help_text: str, examples: str,
+            late_epilog: Callable[[], str] | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with its examples, laid out as written (then with
+    ``late_epilog()``, made only when the help is shown)."""
+    parser = sub.add_parser(
         name, help=help_text, description=help_text, epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    if late_epilog is not None:
+        assert isinstance(parser, Parser), "subcommands are made by cli.common.Parser"
+        parser.late_epilog = late_epilog
+    return parser  # type: ignore[no-any-return]
 
 
 class CommandFailed(Exception):

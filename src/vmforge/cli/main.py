@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from .. import __version__
 from ..errors import UsageError, VmforgeError
 from . import export, images, lifecycle, packages, safety, snapshots, vm
-from .common import CommandFailed, die
+from .common import CommandFailed, Parser, die
 
 EPILOG = """\
 examples:
@@ -33,15 +31,8 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line with a hint, like every other error."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message, hint=f"see '{self.prog} --help'")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="vmforge",
         description="Create, inspect and convert virtual machine disk images.",
         epilog=EPILOG,
@@ -50,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmforge {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and internal detail on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     images.register(sub)
     lifecycle.register(sub)
@@ -73,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     if debug:  # shows each command vmforge runs (util.run logs them)
+        import logging
+
         logging.basicConfig(level=logging.DEBUG, format="vmforge: debug: %(message)s")
     parser = build_parser()
     try:

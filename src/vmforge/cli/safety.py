@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from ..guest.partitions import read_partition_table
 from ..model import human_size
-from ..model.inspection import InspectReport
-from ..ops import open_image
-from ..safety import inspect, inspect_path
 from .common import Sub, add_output, command, die, print_json, size_arg
+
+if TYPE_CHECKING:
+    from ..model.inspection import InspectReport
 
 
 def register(sub: Sub) -> None:
@@ -37,6 +37,8 @@ def register(sub: Sub) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..safety import inspect, inspect_path
+
     chunk = max(1, args.chunk_size)
     if args.filename == "-":
         report = inspect(sys.stdin.buffer, "-", expect_format=args.expect_format,
@@ -87,6 +89,9 @@ def register_partitions(sub: Sub) -> None:
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
+    from ..guest.partitions import read_partition_table
+    from ..ops import open_image
+
     with open_image(args.filename, args.fmt, untrusted=args.untrusted) as img:
         size = img.virtual_size
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import ops
 from ..errors import UnsupportedFeature
 from ..model import human_size
-from ..model.check import EXIT_UNSUPPORTED, CheckResult
-from ..model.info import SnapshotInfo
 from .common import Sub, command, die, parse_o, print_json
 from .images import render_check
+
+if TYPE_CHECKING:
+    from ..model.check import CheckResult
+    from ..model.info import SnapshotInfo
 
 
 def register(sub: Sub) -> None:
@@ -105,6 +107,8 @@ def cmd_amend(args: argparse.Namespace) -> int:
 
 def cmd_check_repair(args: argparse.Namespace) -> int:
     """``check -r leaks|all``: repair, then print the check of the repaired image."""
+    from ..model.check import EXIT_UNSUPPORTED
+
     try:
         report, after = ops.repair(args.filename, args.repair, args.fmt,
                                    untrusted=args.untrusted)

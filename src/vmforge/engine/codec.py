@@ -12,6 +12,7 @@ library; all three produce ordinary deflate streams any inflater reads.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable
 from types import ModuleType
@@ -20,7 +21,11 @@ from typing import Any
 from ..errors import CorruptImage, UnsupportedFeature
 
 
+# The codec libraries load on first use, not with this module: opening an image (for
+# ``vmforge info``) needs neither ISA-L nor zstandard.
+@functools.cache
 def _fast_zlib() -> tuple[ModuleType, str]:
+    """The fastest installed deflate module and its name (isal, zlib-ng or zlib)."""
     try:
         from isal import isal_zlib
 
@@ -35,13 +40,14 @@ def _fast_zlib() -> tuple[ModuleType, str]:
         return zlib, "zlib"
 
 
-FAST_ZLIB, DEFLATE_BACKEND = _fast_zlib()
-
-_zstd: Any
-try:
-    import zstandard as _zstd
-except ImportError:  # pragma: no cover - zstandard is a declared dependency
-    _zstd = None
+@functools.cache
+def _zstandard() -> Any:
+    """The zstandard module, or None when it is not installed."""
+    try:
+        import zstandard
+    except ImportError:  # pragma: no cover - zstandard is a declared dependency
+        return None
+    return zstandard
 
 
 def _isal_level(level: int) -> int:
@@ -52,34 +58,37 @@ def _isal_level(level: int) -> int:
 def compressor(codec: str, level: int | None = None) -> Callable[[bytes | memoryview], bytes]:
     """A thread-safe function compressing one whole unit with ``codec``."""
     if codec == "deflate":
-        if DEFLATE_BACKEND == "isal":
+        fast_zlib, backend = _fast_zlib()
+        if backend == "isal":
             lvl = _isal_level(1 if level is None else level)
 
             def deflate_isal(data: bytes | memoryview) -> bytes:
                 # window 2^12: qemu inflates qcow2 clusters with windowBits -12
-                c = FAST_ZLIB.compressobj(lvl, FAST_ZLIB.DEFLATED, -12)
+                c = fast_zlib.compressobj(lvl, fast_zlib.DEFLATED, -12)
                 return bytes(c.compress(data) + c.flush())
 
             return deflate_isal
         lvl = 6 if level is None else level
 
         def deflate_zlib(data: bytes | memoryview) -> bytes:
-            c = FAST_ZLIB.compressobj(lvl, zlib.DEFLATED, -12)
+            c = fast_zlib.compressobj(lvl, zlib.DEFLATED, -12)
             return bytes(c.compress(data) + c.flush())
 
         return deflate_zlib
     if codec == "zlib":
-        if DEFLATE_BACKEND == "isal":
+        fast_zlib, backend = _fast_zlib()
+        if backend == "isal":
             lvl = _isal_level(1 if level is None else level)
-            return lambda data: bytes(FAST_ZLIB.compress(data, lvl))
+            return lambda data: bytes(fast_zlib.compress(data, lvl))
         lvl = 6 if level is None else level
-        return lambda data: bytes(FAST_ZLIB.compress(data, lvl))
+        return lambda data: bytes(fast_zlib.compress(data, lvl))
     if codec == "zstd":
-        if _zstd is None:
+        zstd = _zstandard()
+        if zstd is None:
             raise UnsupportedFeature("zstd compression", detail="install the 'zstandard' package")
         lvl = 3 if level is None else level
-        params = _zstd.ZstdCompressionParameters.from_level(lvl, write_content_size=True)
-        local = _ThreadLocalCompressor(lambda: _zstd.ZstdCompressor(compression_params=params))
+        params = zstd.ZstdCompressionParameters.from_level(lvl, write_content_size=True)
+        local = _ThreadLocalCompressor(lambda: zstd.ZstdCompressor(compression_params=params))
         return lambda data: bytes(local.get().compress(data))
     raise UnsupportedFeature(f"compression codec {codec!r}")
 
@@ -107,26 +116,28 @@ def decompress(codec: str, stored: bytes | bytearray | memoryview, out_len: int,
     Raises CorruptImage if the stream is damaged or yields a different length, and never
     produces more than ``out_len`` bytes (a bound against decompression bombs).
     """
+    fast_zlib = _fast_zlib()[0]
+    zstd = _zstandard() if codec == "zstd" else None
     try:
         if codec in ("deflate", "zlib"):
             wbits = -15 if codec == "deflate" else 15
-            d = FAST_ZLIB.decompressobj(wbits)
+            d = fast_zlib.decompressobj(wbits)
             out = d.decompress(stored, out_len)
         elif codec == "zstd":
-            if _zstd is None:
+            if zstd is None:
                 raise UnsupportedFeature("zstd compression", path=path,
                                          detail="install the 'zstandard' package")
-            dobj = _zstd.ZstdDecompressor().decompressobj()
+            dobj = zstd.ZstdDecompressor().decompressobj()
             out = dobj.decompress(bytes(stored))
             if len(out) > out_len:
                 raise CorruptImage("compressed unit expands past its size", path=path, offset=offset)
         else:
             raise UnsupportedFeature(f"compression codec {codec!r}", path=path)
-    except (zlib.error, FAST_ZLIB.error, ValueError, MemoryError) as err:
+    except (zlib.error, fast_zlib.error, ValueError, MemoryError) as err:
         raise CorruptImage(f"compressed data cannot be decompressed ({err})", path=path,
                            offset=offset) from err
     except Exception as err:
-        if _zstd is not None and isinstance(err, _zstd.ZstdError):
+        if zstd is not None and isinstance(err, zstd.ZstdError):
             raise CorruptImage(f"compressed data cannot be decompressed ({err})", path=path,
                                offset=offset) from err
         raise

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..engine.chain import untrusted_reference
 from ..errors import UnsupportedFeature, UsageError
 from ..formats import OpenOptions, detect_format, get_format, open_layer
-from ..formats.qcow2.repair import RepairReport, repair_qcow2
-from ..formats.vhdx.log import replay_in_place
 from ..model.check import CheckResult
+
+if TYPE_CHECKING:
+    from ..formats.qcow2.repair import RepairReport
 
 
 def check(path: str, fmt: str | None = None, *, untrusted: bool = False) -> CheckResult:
@@ -33,6 +36,10 @@ def repair(path: str, mode: str, fmt: str | None = None, *,
     """
     if mode not in ("leaks", "all"):
         raise UsageError(f"invalid -r mode '{mode}'", hint="use -r leaks or -r all")
+    # the writing side loads only here: a plain check never needs it
+    from ..formats.qcow2.repair import RepairReport, repair_qcow2
+    from ..formats.vhdx.log import replay_in_place
+
     if (get_format(fmt) if fmt else detect_format(path)).name == "vhdx":
         # a VHDX's only repair is replaying its log (qemu-img does it on a read-write open)
         replayed = replay_in_place(path)  # any -r opens read-write in qemu, which replays

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from ..errors import AmbiguousFormat, OutputError
 from ..formats.base import ImageWriter
 from ..formats.registry import detect_format
-from ..util.companions import tracking
+from ..util.companions import temporary_name, tracking
 
 
 @contextlib.contextmanager
@@ -24,20 +24,14 @@ def atomic_output(dest: str) -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(directory):
         raise OutputError(f"{dest}: directory {directory} does not exist")
-    base = os.path.basename(dest)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".vmforge-tmp", dir=directory)
+        # a free name, and no file yet: the writer creates the file itself (truncating an
+        # existing file, even an empty one, makes ext4 flush it to disk on close,
+        # auto_da_alloc: 0.8 s per 1.4 GiB); an interrupt here leaves nothing behind
+        tmp = temporary_name(directory, os.path.basename(dest))
     except OSError as err:
-        raise OutputError(f"{dest}: cannot create a file in {directory}: {err.strerror}") from None
-    try:
-        os.close(fd)
-        # The writer creates the file itself: truncating an existing file (even an empty
-        # one) makes ext4 flush it to disk on close (auto_da_alloc), 0.8 s per 1.4 GiB.
-        os.unlink(tmp)
-    except BaseException:  # Ctrl-C or SIGTERM right after mkstemp: leave nothing
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        raise OutputError(f"{dest}: cannot create a file in {directory}: "
+                          f"{err.strerror or err}") from None
     try:
         # a multi-file format (VMDK extents) learns the final name and registers its
         # companion files through util.companions; they are renamed before the main file

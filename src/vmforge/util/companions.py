@@ -16,10 +16,36 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import tempfile
 from collections.abc import Iterator
 
 from ..errors import OutputError
+
+
+def temporary_name(directory: str, name: str) -> str:
+    """A free name ``.NAME.XXXXXXXX.vmforge-tmp`` in ``directory``; no file is left there.
+
+    The name is reserved by creating the file exclusively, then removed: the writer
+    creates the file itself (truncating an existing file makes ext4 flush it on close).
+    Ctrl-C or SIGTERM can land between the kernel creating the file and Python binding
+    its descriptor (tempfile.mkstemp would then leave it behind); the name is known
+    before the file is made, so it is removed whatever happens. Raises OSError.
+    """
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.vmforge-tmp")
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            os.close(fd)
+            os.unlink(tmp)
+        except BaseException:
+            # O_EXCL: a file under this random name now was made by this call
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return tmp
+    raise FileExistsError(f"no free temporary name for {name} in {directory}")
 
 
 class PendingOutput:
@@ -43,15 +69,10 @@ class PendingOutput:
                 os.path.abspath(final) == os.path.abspath(self.dest):
             raise OutputError(f"{self.dest}: two output files would be named {final_name}")
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".vmforge-tmp",
-                                       dir=directory)
+            tmp = temporary_name(directory, final_name)
         except OSError as err:
             raise OutputError(f"{final}: cannot create a file in {directory}: "
-                              f"{err.strerror}") from None
-        os.close(fd)
-        # the writer creates the file itself (truncating an existing one makes ext4
-        # flush it on close), as atomic_output does for the main file
-        os.unlink(tmp)
+                              f"{err.strerror or err}") from None
         self.companions.append((tmp, final))
         return tmp
 

@@ -6,10 +6,19 @@ each expanding ``.hds`` file is one of these images and is opened on its own.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ...model.inspection import FormatFacts
-from ..base import ByteSource, Capabilities, Format, ImageReader, OpenOptions
+from ...util.lazy import lazy_package
+from ..base import Capabilities, Format
 from . import structs as S
-from .reader import ParallelsReader, read_header
+
+# the reader (and numpy) load on first use: registering and probing need neither
+lazy_package(__name__, {"ParallelsReader": ".reader"})
+
+if TYPE_CHECKING:
+    from ..base import ByteSource, ImageReader, OpenOptions
+    from .reader import ParallelsReader
 
 
 class ParallelsFormat(Format):
@@ -23,10 +32,14 @@ class ParallelsFormat(Format):
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        from .reader import ParallelsReader
+
         return ParallelsReader(path, options)
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from .reader import read_header
+
         h = read_header(src)
         return FormatFacts("parallels", h.total_sectors * S.SECTOR_SIZE,
                            subformat="v2" if h.is_v2 else "v1",

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ...errors import OptionError, UnsupportedFeature
 from ...model import parse_size
-from ...model.inspection import FormatFacts
-from ..base import (
-    BackingRef,
-    ByteSource,
-    Capabilities,
-    Format,
-    ImageReader,
-    ImageWriter,
-    OpenOptions,
-)
+from ...util.lazy import lazy_package
+from ..base import Capabilities, Format
 from ..options import check_create_options, parse_flag
 from . import structs as S
-from .inspect import inspect_qcow2
-from .reader import Qcow2Reader
-from .writer import Qcow2Options, Qcow2Writer
+
+# The reader and writer load on first use: registering and probing need neither.
+lazy_package(__name__, {"Qcow2Reader": ".reader", "Qcow2Writer": ".writer",
+                        "Qcow2Options": ".writer"})
+
+if TYPE_CHECKING:
+    from ...model.inspection import FormatFacts
+    from ..base import BackingRef, ByteSource, ImageReader, ImageWriter, OpenOptions
+    from .reader import Qcow2Reader
+    from .writer import Qcow2Options, Qcow2Writer
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -97,6 +97,8 @@ def parse_options(options: Mapping[str, str]) -> Qcow2Options:
         raise OptionError("extended_l2 needs compat=1.1", option="extended_l2")
     if ext_l2 and cluster_size < 16384:
         raise OptionError("extended_l2 needs a cluster size of at least 16K", option="extended_l2")
+    from .writer import Qcow2Options
+
     level = options.get("compression_level")
     try:
         clevel = int(level) if level is not None else None
@@ -123,10 +125,14 @@ class Qcow2Format(Format):
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        from .reader import Qcow2Reader
+
         return Qcow2Reader(path, options)
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from .inspect import inspect_qcow2
+
         return inspect_qcow2(src)
 
     @classmethod
@@ -135,10 +141,14 @@ class Qcow2Format(Format):
         opts = parse_options({k: v for k, v in options.items()
                               if k not in ("backing_file", "backing_fmt")})
         check_size(size, opts, creating=True)
+        from .writer import Qcow2Writer
+
         return Qcow2Writer(path, size, opts, backing)
 
     @classmethod
     def open_for_write(cls, path: str) -> ImageWriter:
+        from .writer import Qcow2Writer
+
         return Qcow2Writer.open_existing(path)
 
 

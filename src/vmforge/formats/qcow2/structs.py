@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads with the refcount code below, not when probing
+    import numpy as np
 
 MAGIC = b"QFI\xfb"
 
@@ -206,6 +207,8 @@ def pack_refcounts(counts: np.ndarray[Any, Any], bits: int) -> bytes:
     Widths of 8 and more are big-endian integers; narrower ones are packed into bytes
     starting at the least significant bit, as QEMU's get_refcount_ro0..2 read them.
     """
+    import numpy as np
+
     if bits >= 8:
         return counts.astype(f">u{bits // 8}").tobytes()
     per_byte = 8 // bits
@@ -217,6 +220,8 @@ def pack_refcounts(counts: np.ndarray[Any, Any], bits: int) -> bytes:
 
 def unpack_refcounts(data: bytes, bits: int) -> np.ndarray[Any, Any]:
     """Inverse of pack_refcounts."""
+    import numpy as np
+
     if bits >= 8:
         return np.frombuffer(data, dtype=f">u{bits // 8}").astype(np.uint64)
     per_byte = 8 // bits

@@ -12,22 +12,22 @@ only when no data block has to move.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ...errors import OptionError
 from ...model.inspection import FormatFacts, Reference
-from ..base import (
-    BackingRef,
-    ByteSource,
-    Capabilities,
-    Format,
-    ImageReader,
-    ImageWriter,
-    OpenOptions,
-)
+from ...util.lazy import lazy_package
+from ..base import Capabilities, Format
 from ..options import check_create_options, parse_flag
 from . import structs as S
-from .reader import VdiReader, read_header
-from .writer import VdiWriter
+
+# the reader and writer (and numpy) load on first use: registering and probing need none
+lazy_package(__name__, {"VdiReader": ".reader", "VdiWriter": ".writer"})
+
+if TYPE_CHECKING:
+    from ..base import BackingRef, ByteSource, ImageReader, ImageWriter, OpenOptions
+    from .reader import VdiReader
+    from .writer import VdiWriter
 
 CREATE_OPTIONS = {
     "static": "on | off (default): preallocate every block (VirtualBox 'fixed' image)",
@@ -50,10 +50,14 @@ class VdiFormat(Format):
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        from .reader import VdiReader
+
         return VdiReader(path, options)
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from .reader import read_header
+
         h = read_header(src)
         facts = FormatFacts("vdi", h.cbDisk, subformat=S.TYPE_NAMES.get(h.u32Type, "unknown"),
                             details={"uuid": str(h.uuidCreate)})
@@ -72,10 +76,14 @@ class VdiFormat(Format):
         if size > S.MAX_DISK_SIZE:
             raise OptionError(f"unsupported VDI image size {size} (max supported is "
                               f"{S.MAX_DISK_SIZE})", option="size")
+        from .writer import VdiWriter
+
         return VdiWriter(path, size, fixed=fixed)
 
     @classmethod
     def open_for_write(cls, path: str) -> ImageWriter:
+        from .writer import VdiWriter
+
         return VdiWriter.open_existing(path)
 
 

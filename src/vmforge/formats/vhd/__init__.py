@@ -11,18 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from ...engine.chain import resolve_backing_path
 from ...errors import OptionError
-from ...model.inspection import FormatFacts
-from ..base import BackingRef, ByteSource, Capabilities, Format, ImageReader, ImageWriter, OpenOptions
+from ...util.lazy import lazy_package
+from ..base import Capabilities, Format
 from ..options import check_create_options, parse_flag
 from . import structs as S
-from .inplace import open_existing
-from .inspect import inspect_vpc
-from .parent import link_to
-from .reader import VpcReader
-from .writer import DifferencingWriter, DynamicWriter, FixedWriter, make_footer
+
+# the reader, writers and in-place editor (and numpy) load on first use: registering
+# and probing need none of them
+lazy_package(__name__, {"VpcReader": ".reader", "DifferencingWriter": ".writer",
+                        "DynamicWriter": ".writer", "FixedWriter": ".writer"})
+
+if TYPE_CHECKING:
+    from ...model.inspection import FormatFacts
+    from ..base import BackingRef, ByteSource, ImageReader, ImageWriter, OpenOptions
+    from .reader import VpcReader
+    from .writer import DifferencingWriter, DynamicWriter, FixedWriter
 
 CREATE_OPTIONS = {
     "subformat": "dynamic (default) or fixed",
@@ -80,15 +86,21 @@ class VpcFormat(Format):
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        from .reader import VpcReader
+
         return VpcReader(path, options)
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from .inspect import inspect_vpc
+
         return inspect_vpc(src)
 
     @classmethod
     def open_for_write(cls, path: str) -> ImageWriter:
         """A writer on an existing fixed, dynamic or differencing disk (see inplace.py)."""
+        from .inplace import open_existing
+
         return open_existing(path)
 
     @classmethod
@@ -103,6 +115,8 @@ class VpcFormat(Format):
                               hint="use dynamic or fixed")
         force = parse_flag("force_size", options.get("force_size", "off"))
         disk_size, chs = plan_size(size, force)
+        from .writer import DynamicWriter, FixedWriter, make_footer
+
         if sub == "fixed":
             return FixedWriter(path, disk_size,
                                make_footer(disk_size, chs, S.DISK_TYPE_FIXED, force))
@@ -124,6 +138,11 @@ def _create_differencing(path: str, size: int, options: Mapping[str, str],
     if options.get("subformat", "dynamic") != "dynamic" or "force_size" in options:
         raise OptionError("a VHD with a backing file is a differencing disk: subformat and "
                           "force_size do not apply", option="subformat")
+    from ...engine.chain import resolve_backing_path
+    from .parent import link_to
+    from .reader import VpcReader
+    from .writer import DifferencingWriter, make_footer
+
     parent = VpcReader(resolve_backing_path(path, backing.filename))
     try:
         pfooter, psize = parent.footer, parent.virtual_size

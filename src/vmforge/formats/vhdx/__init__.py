@@ -10,25 +10,26 @@ rebase, ``convert -n``), with metadata updates written through the log (journal.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ...errors import OptionError, VmforgeError
 from ...model import parse_size
-from ...model.inspection import FormatFacts
-from ..base import (
-    BackingRef,
-    ByteSource,
-    Capabilities,
-    Format,
-    ImageReader,
-    ImageWriter,
-    OpenOptions,
-)
+from ...util.lazy import lazy_package
+from ..base import BackingRef, Capabilities, Format
 from ..options import check_create_options, parse_flag
 from . import structs as S
-from .inplace import VhdxEditor
-from .inspect import inspect_vhdx
-from .reader import VhdxReader
-from .writer import ParentInfo, VhdxWriter, parent_info
+
+# the reader, writer and editor (and numpy) load on first use: registering and probing
+# need none of them
+lazy_package(__name__, {"VhdxEditor": ".inplace", "VhdxReader": ".reader",
+                        "VhdxWriter": ".writer"})
+
+if TYPE_CHECKING:
+    from ...model.inspection import FormatFacts
+    from ..base import ByteSource, ImageReader, ImageWriter, OpenOptions
+    from .inplace import VhdxEditor
+    from .reader import VhdxReader
+    from .writer import ParentInfo, VhdxWriter
 
 CREATE_OPTIONS = {
     "subformat": "dynamic (default) or fixed",
@@ -64,6 +65,8 @@ def _size_option(options: Mapping[str, str], key: str) -> int | None:
 
 
 def _parent_info(path: str, backing: BackingRef, size: int) -> ParentInfo:
+    from .writer import parent_info
+
     info, parent_size = parent_info(path, backing)
     if parent_size != size:
         raise OptionError(f"a differencing VHDX has its parent's size ({parent_size} "
@@ -83,10 +86,14 @@ class VhdxFormat(Format):
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        from .reader import VhdxReader
+
         return VhdxReader(path, options)
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from .inspect import inspect_vhdx
+
         return inspect_vhdx(src)
 
     @classmethod
@@ -116,12 +123,16 @@ class VhdxFormat(Format):
                               hint="a multiple of 1M below 4G")
         zero_state = parse_flag("block_state_zero", opts.get("block_state_zero", "on"))
         parent = _parent_info(path, backing, size) if backing is not None else None
+        from .writer import VhdxWriter
+
         return VhdxWriter(path, size, block_size=block_size, log_size=log_size,
                           fixed=sub == "fixed", zero_state=zero_state, parent=parent)
 
     @classmethod
     def open_for_write(cls, path: str) -> ImageWriter:
         """An editor on the existing image: convert -n, resize, commit, rebase."""
+        from .inplace import VhdxEditor
+
         return VhdxEditor.open_existing(path)
 
 

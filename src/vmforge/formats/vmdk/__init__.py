@@ -10,20 +10,20 @@ commit, rebase): the same four subformats, in inplace.py and sparse_edit.py.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from ...model.inspection import FormatFacts
-from ..base import (
-    BackingRef,
-    ByteSource,
-    Capabilities,
-    Format,
-    ImageReader,
-    ImageWriter,
-    OpenOptions,
-)
+from ...util.lazy import lazy_package
+from ..base import Capabilities, Format
 from . import structs as S
-from .inspect import inspect_vmdk
-from .reader import VmdkReader, looks_like_text_descriptor
+from .descriptor import looks_like_text_descriptor
+
+# the reader and writers (and numpy) load on first use: registering and probing need none
+lazy_package(__name__, {"VmdkReader": ".reader"})
+
+if TYPE_CHECKING:
+    from ...model.inspection import FormatFacts
+    from ..base import BackingRef, ByteSource, ImageReader, ImageWriter, OpenOptions
+    from .reader import VmdkReader
 
 CREATE_OPTIONS = {
     "subformat": "monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | "
@@ -58,10 +58,14 @@ class VmdkFormat(Format):
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
+        from .reader import VmdkReader
+
         return VmdkReader(path, options)
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from .inspect import inspect_vmdk
+
         return inspect_vmdk(src)
 
     @classmethod

@@ -137,6 +137,30 @@ def _bad(path: str | None, lineno: int, line: str, why: str) -> CorruptImage:
     return CorruptImage(f"VMDK descriptor line {lineno} {why}: {shown!r}", path=path)
 
 
+def looks_like_text_descriptor(head: bytes) -> bool:
+    """qemu's vmdk_probe for text: '#' comment lines and lines of spaces, then
+    ``version=1|2|3`` (an empty line stops the probe, as in qemu)."""
+    p, n = 0, len(head)
+    while p < n:
+        c = head[p:p + 1]
+        if c == b"#":
+            nl = head.find(b"\n", p)
+            p = n if nl < 0 else nl + 1
+            continue
+        if c == b" ":
+            while p < n and head[p:p + 1] == b" ":
+                p += 1
+            if head[p:p + 1] == b"\r":
+                p += 1
+            if p >= n or head[p:p + 1] != b"\n":
+                return False
+            p += 1
+            continue
+        return any(head.startswith(b"version=%d%s" % (v, eol), p)
+                   for v in (1, 2, 3) for eol in (b"\n", b"\r\n"))
+    return False
+
+
 def decode_descriptor(raw: bytes, path: str | None) -> str:
     """Descriptor bytes as text: up to the first NUL (embedded descriptors are padded),
     UTF-8 (the ``encoding`` VMware writes by default), no control characters."""

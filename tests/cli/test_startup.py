@@ -1,0 +1,253 @@
+"""Start-up cost, kept by structure rather than by timing (issue 5).
+
+Every command pays for what ``import vmforge.cli.main`` loads before it runs. These
+tests start a fresh interpreter, do one thing (``--version``, parse a command line,
+show a command's help, ``info`` an image) and list what got imported: heavy
+dependencies and the modules of other commands must not be among them. An eager
+import re-added anywhere on those paths (a format package importing its writer, the
+export package importing OVA packaging, numpy at module level in the engine) fails
+here with the chain of modules that pulled it in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.data.qemu import qemu_img
+
+#: imported by some commands only; never to start the CLI or parse a command line
+HEAVY = re.compile(r"""^(
+      numpy | rich | qemu | defusedxml | pycdlib | zstandard | isal | cryptography
+    | vmforge\.runtime | vmforge\.packages\.ova | vmforge\.packages\.ovf
+    | vmforge\.engine\.copy | vmforge\.ops\.convert | vmforge\.ops\.compare
+    | vmforge\.formats\.\w+\.(writer|stream_writer|inplace|sparse_edit|update|amend|repair)
+)(\.|$)""", re.X)
+
+#: what ``vmforge --version`` may load of vmforge: the CLI, errors, sizes, the facades
+VERSION_ALLOWED = re.compile(r"""^vmforge(
+      | \.cli(\.\w+)? | \.errors | \.ops | \.model | \.model\.sizes | \.util | \.util\.lazy
+)$""", re.X)
+
+#: a writer, an in-place editor or the copy engine: ``info`` reads, it never writes
+WRITING = re.compile(r"^vmforge\.(engine\.copy|ops\.(convert|create|edit|output)"
+                     r"|formats\.\w+\.(writer|stream_writer|inplace|sparse_edit|update|amend"
+                     r"|repair|snapshot))$")
+
+# Runs in a fresh interpreter: each step is (label, kind, argv); after each step it
+# records the modules that step imported, and who imported them (a stack of module
+# names is kept by wrapping the import machinery's loader calls).
+PROBE = r"""
+import contextlib, importlib, io, json, sys
+import importlib._bootstrap as boot
+
+steps = json.loads(sys.argv[1])
+stack, parent = [], {}
+real = boot._load_unlocked
+
+def load(spec):
+    parent.setdefault(spec.name, stack[-1] if stack else "<command>")
+    stack.append(spec.name)
+    try:
+        return real(spec)
+    finally:
+        stack.pop()
+
+boot._load_unlocked = load
+
+out = []
+for label, kind, argv in steps:
+    before = set(sys.modules)
+    from vmforge.cli.main import build_parser, main  # loaded by the first step
+    buf_out, buf_err = io.StringIO(), io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
+        try:
+            if kind == "parse":
+                ns = build_parser().parse_args(argv)
+                code = 0 if callable(getattr(ns, "func", None)) else "no command function"
+            else:
+                code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    new = sorted(set(sys.modules) - before)
+    out.append({"label": label, "code": code, "stdout": buf_out.getvalue(),
+                "stderr": buf_err.getvalue(), "new": new})
+print(json.dumps({"steps": out, "start": sorted(set(sys.modules)), "parent": parent}))
+"""
+
+
+def probe(steps: list[tuple[str, str, list[str]]]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(steps)],
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def chain(parent: dict[str, str], name: str) -> str:
+    """``name <- importer <- ... <- <command>``: why a module was loaded."""
+    links = [name]
+    while name in parent and len(links) < 30:
+        name = parent[name]
+        links.append(name)
+    return " <- ".join(links)
+
+
+def offenders(result: dict[str, Any], pattern: re.Pattern[str], *, allow: bool = False,
+              steps: int | None = None) -> list[str]:
+    """Modules the steps (the first ``steps`` of them) loaded that match ``pattern`` (or,
+    with ``allow``, that do not), each with its import chain and the step that loaded it."""
+    bad = []
+    for step in result["steps"][:steps]:
+        for mod in step["new"]:
+            hit = pattern.search(mod) is not None
+            if hit != allow:
+                bad.append(f"{step['label']}: {chain(result['parent'], mod)}")
+    return bad
+
+
+def _subcommand_paths() -> list[list[str]]:
+    """Every command and nested subcommand of the CLI (``vm start`` ...), from its parser."""
+    import argparse
+
+    from vmforge.cli.main import build_parser
+
+    paths: list[list[str]] = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    paths.append([*prefix, name])
+                    walk(sub, [*prefix, name])
+
+    walk(build_parser(), [])
+    return paths
+
+
+def test_version_loads_only_the_cli():
+    result = probe([("--version", "main", ["--version"])])
+    step = result["steps"][0]
+    assert step["code"] == 0 and step["stdout"].startswith("vmforge "), step
+    heavy = offenders(result, HEAVY)
+    assert not heavy, "vmforge --version imported:\n" + "\n".join(heavy)
+    vm_mods = [m for m in step["new"] if m.startswith("vmforge")]
+    assert "vmforge.cli.main" in vm_mods and "vmforge.cli.images" in vm_mods, vm_mods
+    extra = [o for o in offenders(result, VERSION_ALLOWED, allow=True)
+             if o.split(": ", 1)[1].startswith("vmforge")]
+    assert not extra, ("vmforge --version should load only the CLI, errors and sizes; "
+                       "import these where they are used:\n" + "\n".join(extra))
+
+
+def test_every_command_help_and_parse_stays_light():
+    """Building the parser and showing every command's help (which lists export targets)
+    loads none of the heavy modules; nor does parsing typical command lines."""
+    paths = _subcommand_paths()
+    assert {"info", "convert", "export", "validate", "run", "import"} <= {p[0] for p in paths}
+    steps: list[tuple[str, str, list[str]]] = [
+        (" ".join(p) + " --help", "parse", [*p, "--help"]) for p in paths]
+    steps += [(" ".join(argv), "parse", argv) for argv in (
+        ["info", "--output=json", "disk.qcow2"],
+        ["convert", "-p", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "a.raw", "b.qcow2"],
+        ["create", "-f", "vmdk", "-o", "subformat=streamOptimized", "a.vmdk", "1G"],
+        ["export", "disk.qcow2", "--target", "vmware", "-o", "vm.ova"],
+        ["validate", "--target", "aws", "disk.vmdk"],
+        ["run", "--memory", "512M", "disk.qcow2"],
+    )]
+    result = probe(steps)
+    for step in result["steps"]:
+        assert step["code"] == 0, step
+        if step["label"].endswith("--help"):
+            assert "usage: vmforge" in step["stdout"], step
+    assert "aws" in next(s["stdout"] for s in result["steps"] if s["label"] == "export --help")
+    heavy = offenders(result, HEAVY)
+    assert not heavy, "parsing or help imported heavy modules:\n" + "\n".join(heavy)
+
+
+def test_unknown_export_target_is_still_a_usage_error():
+    result = probe([("bad target", "main", ["validate", "--target", "nowhere", "x.vmdk"])])
+    step = result["steps"][0]
+    assert step["code"] == 2, step
+    assert "invalid choice: 'nowhere'" in step["stderr"] and "'vmware'" in step["stderr"], step
+
+
+# the formats qemu-img creates, and whether vmforge's info of them may load numpy (the
+# qcow2 reader reads its L1 table, and so numpy, only when an extent is asked for)
+INFO_FORMATS = {"qcow2": False, "vmdk": True, "vpc": True, "vhdx": True, "vdi": True,
+                "parallels": True}
+
+
+@pytest.mark.parametrize("fmt", sorted(INFO_FORMATS))
+def test_reading_commands_load_a_reader_and_no_writer(tmp_path: Path, fmt: str):
+    """info (then map and check) opens one reader; nothing that writes is imported."""
+    path = tmp_path / f"disk.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, path, "16M")
+    result = probe([("info", "main", ["info", str(path)]),
+                    ("info json", "main", ["info", "--output=json", str(path)]),
+                    ("map", "main", ["map", "--output=json", str(path)]),
+                    ("check", "main", ["check", str(path)])])
+    human, as_json, mapped, checked = result["steps"]
+    assert human["code"] == 0 and f"file format: {fmt}" in human["stdout"], human
+    assert as_json["code"] == 0 and json.loads(as_json["stdout"])["format"] == fmt, as_json
+    assert mapped["code"] == 0 and json.loads(mapped["stdout"])[0]["start"] == 0, mapped
+    assert checked["code"] in (0, 63), checked  # 63: a format without checks, as qemu-img
+    package = "vhd" if fmt == "vpc" else fmt
+    assert f"vmforge.formats.{package}.reader" in human["new"], human["new"]
+    writing = offenders(result, WRITING)
+    assert not writing, f"reading {fmt} imported writing code:\n" + "\n".join(writing)
+    heavy = [o for o in offenders(result, HEAVY, steps=2) if INFO_FORMATS[fmt] is False
+             or not o.split(": ", 1)[1].startswith("numpy")]
+    assert not heavy, f"info on {fmt} imported:\n" + "\n".join(heavy)
+
+
+def test_info_of_an_overlay_chain_loads_no_writer(tmp_path: Path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "8M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    result = probe([("info chain", "main", ["info", "--backing-chain", str(top)])])
+    step = result["steps"][0]
+    assert step["code"] == 0 and step["stdout"].splitlines().count("file format: qcow2") == 2, step
+    bad = offenders(result, WRITING) + offenders(result, HEAVY)
+    assert not bad, "info --backing-chain imported:\n" + "\n".join(bad)
+
+
+FACADE = r"""
+import json, sys, types
+import vmforge, vmforge.ops
+import vmforge.ops.convert, vmforge.ops.check, vmforge.ops.compare  # the submodules
+names = {}
+for pkg in ("vmforge", "vmforge.ops", "vmforge.model", "vmforge.formats.qcow2",
+            "vmforge.formats.vdi", "vmforge.formats.vhd", "vmforge.formats.vhdx",
+            "vmforge.formats.vmdk", "vmforge.formats.parallels"):
+    mod = sys.modules.get(pkg) or __import__(pkg, fromlist=["_"])
+    for name in mod.__all__:
+        value = getattr(mod, name)
+        names[f"{pkg}.{name}"] = type(value).__name__
+        if isinstance(value, types.ModuleType):
+            names[f"{pkg}.{name}"] = "MODULE"
+from vmforge import open_image, convert, check, compare, create, measure, CopyStats
+print(json.dumps({"names": names, "dir": "open_image" in dir(vmforge),
+                  "ops_convert": callable(vmforge.ops.convert)}))
+"""
+
+
+def test_lazy_facades_keep_every_public_name():
+    """``from vmforge import convert`` and friends work as before, and a submodule of
+    the same name (vmforge.ops.convert) never hides the function once it is imported."""
+    proc = subprocess.run([sys.executable, "-c", FACADE], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    modules = [name for name, kind in out["names"].items() if kind == "MODULE"]
+    assert not modules, f"these public names are modules, not what they export: {modules}"
+    assert out["names"]["vmforge.ops.convert"] == "function"
+    assert out["names"]["vmforge.formats.qcow2.Qcow2Reader"] == "ABCMeta"
+    assert len(out["names"]) > 40 and out["dir"] and out["ops_convert"], out
