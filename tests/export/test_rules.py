@@ -4,6 +4,7 @@ listing all the rules a file breaks); a generated check keeps the table complete
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gzip
 import hashlib
 import io
@@ -107,6 +108,8 @@ def ova_broken(kind: str, target: str) -> Build:
         if kind == "ovf-valid":
             bad = ("vm.ovf", b"<Envelope/>")
             return tar_of(dest, [bad, ("vm.mf", manifest([bad, disk], "SHA1")), disk])
+        if kind == "signature":  # a well-formed certificate file whose signature is wrong
+            return tar_of(dest, [ovf, mf, ("vm.cert", bogus_cert("vm.mf")), disk])
         data = bytearray(disk[1])
         if kind == "version":  # streamOptimized header version 1
             data[4:8] = struct.pack("<I", 1)
@@ -123,7 +126,24 @@ def ova_broken(kind: str, target: str) -> Build:
 
 OVA_CASES = {"ova-ovf-first": "ovf-first", "ova-ustar": "ustar", "ova-order": "order",
              "manifest": "manifest", "manifest-algorithm": "algorithm",
-             "ovf-valid": "ovf-valid", "vmdk-stream": "stream", "vmdk-version": "version"}
+             "ovf-valid": "ovf-valid", "vmdk-stream": "stream", "vmdk-version": "version",
+             "signature": "signature"}
+
+
+def bogus_cert(mf_name: str) -> bytes:
+    """A certificate file with a real self-signed certificate and a zero signature."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "rules test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return (f"SHA1({mf_name})= {'00' * 256}\n".encode()
+            + cert.public_bytes(serialization.Encoding.PEM))
 
 
 # --- VHD footer surgery ----------------------------------------------------------------

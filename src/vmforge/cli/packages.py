@@ -31,11 +31,20 @@ def register(sub: Sub) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    hw, files = ova.import_ova(args.package, args.outdir, out_fmt=args.out_fmt,
-                           configuration=args.configuration, require_manifest=not args.no_manifest)
+    done = ova.import_ova(args.package, args.outdir, out_fmt=args.out_fmt,
+                          configuration=args.configuration, require_manifest=not args.no_manifest)
+    hw, sig = done.hardware, done.signature
     if not args.q:
-        for name in files:
+        for name in done.files:
             print(name)
         print(f"{hw.cpus} vCPU, {hw.memory >> 20} MiB, {len(hw.disks)} disk(s), "
               f"{len(hw.nics)} NIC(s)")
+        if sig is None:
+            print("unsigned (no certificate file); the manifest verified every file")
+        else:
+            # the signature is checked; whether to trust the signer is the user's call
+            kind = "self-signed" if sig.self_signed else f"issued by {sig.issuer}"
+            expired = ", EXPIRED" if sig.expired else ""
+            print(f"signed by {sig.subject} ({kind}, valid until {sig.not_after}{expired}); "
+                  f"{sig.algorithm} signature verified, signer not checked against a trust store")
     return 0

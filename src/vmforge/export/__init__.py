@@ -9,7 +9,6 @@ name, validates it with the same rules, and only then renames it into place.
 from __future__ import annotations
 
 from ..errors import OutputError, UsageError
-from ..ops.output import atomic_output
 from . import aws, azure, gcp, hyperv, kubevirt, openstack, vagrant, virtualbox, vmware
 from .build import ExportRequest
 from .facts import Subject
@@ -47,10 +46,14 @@ def export(target: str, request: ExportRequest) -> tuple[Report, dict[str, objec
     partition table for AWS), and the errors of opening or converting the source.
     """
     profile = get_profile(target)
+    if request.private_key is not None and not request.output.lower().endswith(".ova"):
+        raise UsageError("--private-key signs OVA packages", hint="name the output NAME.ova")
     if profile.extensions and not request.output.lower().endswith(profile.extensions):
         raise UsageError(f"{request.output}: the {target} target writes "
                          f"{' or '.join(profile.extensions)} files",
                          hint=f"name the output NAME{profile.extensions[0]}")
+    from ..ops.output import atomic_output
+
     with atomic_output(request.output) as tmp:
         notes = profile.build(request, tmp)
         report = validate(target, tmp)
@@ -62,5 +65,19 @@ def export(target: str, request: ExportRequest) -> tuple[Report, dict[str, objec
     return report, notes
 
 
+def export_stream(target: str, request: ExportRequest, fd: int) -> dict[str, object]:
+    """Write ``target``'s output to ``fd`` (a pipe or socket: ``export -o -``), in order.
+
+    Only targets whose output is a stream offer this (an OVA: vmware, virtualbox). The
+    output cannot be validated after the fact as a file is; it is made by the same code
+    as the file the tests validate. A failure leaves the stream short.
+    """
+    profile = get_profile(target)
+    if profile.stream is None:
+        raise UsageError(f"the {target} target cannot write to standard output",
+                         hint="name an output file")
+    return profile.stream(request, fd)
+
+
 __all__ = ["ExportRequest", "Finding", "PROFILES", "Profile", "Report", "Rule", "export",
-           "get_profile", "validate"]
+           "export_stream", "get_profile", "validate"]

@@ -4,16 +4,17 @@ standalone and with a partitioned boot disk.
 Sources: AWS VM Import/Export User Guide, "Requirements for resources you import"
 (image formats: OVA, stream-optimized ESX VMDK "as made by OVF export", VHD/VHDX fixed
 or dynamic, raw; boot volumes with MBR are limited to 2 TiB, GPT with UEFI boot
-supported; no differencing disks).
+supported; no differencing disks). In an OVA the boot rules judge the boot disk (see
+``boot_disk``), read in place from the package.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
-from ..packages.ova import export_ova
-from .build import ExportRequest, copy_into
-from .facts import Subject, has_gpt, has_mbr
+from .build import ExportRequest, copy_into, write_ova
+from .facts import DiskFacts, Subject, has_gpt, has_mbr
 from .ova_rules import ova_rules
 from .rules import Profile, Rule
 
@@ -30,44 +31,82 @@ def _format(s: Subject) -> str | None:
     return None
 
 
+def boot_disk(s: Subject) -> tuple[str, DiskFacts] | None:
+    """(how to name it, facts) of the disk the boot rules judge: the file itself, or an
+    OVA's boot disk. That is the disk on the first disk drive of the descriptor's
+    VirtualHardwareSection (VMware's "Hard disk 1"), else the first DiskSection disk
+    with a file; read in place from the package."""
+    if s.disk is not None:
+        return "", s.disk
+    ova = s.ova
+    if ova is None or ova.descriptor is None:
+        return None
+    desc = ova.descriptor
+    disk_ids = [d.disk_id for d in desc.hardware.drives if d.kind == "disk" and d.disk_id]
+    disk_ids += [d.disk_id for d in desc.disks]
+    for disk_id in disk_ids:
+        with contextlib.suppress(KeyError):
+            ref = desc.disk(disk_id).file_ref
+            if ref is None:
+                continue  # a blank disk the appliance creates: nothing to boot from
+            href = desc.file(ref).href
+            facts = ova.disks.get(href)
+            return (f"boot disk {href}: ", facts) if facts is not None else None
+    return None
+
+
 def _standalone(s: Subject) -> str | None:
-    d = s.disk
-    if d is not None and d.references:
-        return d.references
-    if d is not None and d.subformat == "differencing":
-        return "a differencing VHD needs its parent"
+    found = boot_disk(s)
+    if found is None:
+        return None
+    where, d = found
+    if d.references:
+        return where + d.references
+    if d.subformat == "differencing":
+        return where + "a differencing VHD needs its parent"
     return None
 
 
 def _partitioned(s: Subject) -> str | None:
-    d = s.disk
-    if d is None or d.fmt not in FORMATS or d.references or d.boot_sector is None:
+    found = boot_disk(s)
+    if found is None:
+        return None
+    where, d = found
+    if d.fmt not in FORMATS or d.references or d.boot_sector is None:
         return None
     if not (has_mbr(d.boot_sector) or has_gpt(d.boot_sector)):
-        return "the first sector holds no MBR or GPT partition table: not a boot disk"
+        return where + "the first sector holds no MBR or GPT partition table: not a boot disk"
     return None
 
 
 def _mbr_size(s: Subject) -> str | None:
-    d = s.disk
-    if d is None or d.virtual_size is None or not has_mbr(d.boot_sector):
+    found = boot_disk(s)
+    if found is None:
+        return None
+    where, d = found
+    if d.virtual_size is None or not has_mbr(d.boot_sector):
         return None
     if d.virtual_size > MBR_LIMIT:
-        return f"an MBR boot disk of {d.virtual_size} bytes is over 2 TiB (use GPT and UEFI)"
+        return (where + f"an MBR boot disk of {d.virtual_size} bytes is over 2 TiB "
+                "(use GPT and UEFI)")
     return None
 
 
 def _readable(s: Subject) -> str | None:
-    d = s.disk
-    if d is not None and d.fmt in FORMATS and d.error:
-        return d.error
+    found = boot_disk(s)
+    if found is None:
+        return None
+    where, d = found
+    if d.fmt in FORMATS and d.error:
+        return where + d.error
     return None
 
 
 RULES = (
     Rule("aws.format", "the file is an OVA, a VMDK, a VHD/VHDX (fixed or dynamic) or raw",
          DOC, _format),
-    *ova_rules("aws", skip=("manifest", "manifest-algorithm")),
+    # AWS documents no check of the manifest or of a signature
+    *ova_rules("aws", skip=("manifest", "manifest-algorithm", "signature")),
     Rule("aws.standalone", "the disk names no other file (no differencing disk, no backing)",
          DOC, _standalone),
     Rule("aws.consistent", "the disk's metadata is valid", DOC, _readable),
@@ -80,9 +119,8 @@ RULES = (
 def build(req: ExportRequest, path: str) -> dict[str, Any]:
     out = req.output.lower()
     if out.endswith(".ova"):
-        export_ova(req.image, path, src_fmt=req.fmt, version=req.ovf_version, name=req.base,
-                   cpus=req.cpus, memory=req.memory, untrusted=req.untrusted)
-    elif out.endswith(".vhd"):
+        return write_ova(req, path)
+    if out.endswith(".vhd"):
         copy_into(req, path, "vpc", {"subformat": "dynamic", "force_size": "on"})
     elif out.endswith(".vhdx"):
         copy_into(req, path, "vhdx", {})

@@ -7,13 +7,13 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ..engine.copy import ChainSource, copy
 from ..formats import get_format
 from ..model import ExtentKind, align_up
-from ..ops import open_image
-from ..ops.image import Image
-from ..ops.output import finishing
+
+if TYPE_CHECKING:
+    from ..ops.image import Image
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -32,8 +32,14 @@ class ExportRequest:
     name: str | None = None
     cpus: int = 1
     memory: int = 1 << 30
+    #: sign an OVA: a PEM RSA private key (which may also hold the certificate), and
+    #: the certificate when it is in a file of its own (ovftool's --privateKey)
+    private_key: str | None = None
+    certificate: str | None = None
 
     def open(self) -> Image:
+        from ..ops import open_image
+
         return open_image(self.image, self.fmt, untrusted=self.untrusted)
 
     @property
@@ -48,12 +54,38 @@ def copy_into(req: ExportRequest, dest: str, out_fmt: str, options: Mapping[str,
     """Write the source as a new ``out_fmt`` disk at ``dest`` of ``size`` bytes (at least
     the source's; the rest reads as zeros). Returns the size written. ``dest`` is a
     private path: the caller renames the finished output into place."""
+    # imported here: the copy engine (numpy) is not needed to list or validate targets
+    from ..engine.copy import ChainSource, copy
+    from ..ops.output import finishing
+
     with req.open() as img:
         size = align_up(max(size or 0, img.virtual_size), 512)
         writer = get_format(out_fmt).create(dest, size, dict(options), None, None)
         with finishing(writer, req.output):
             copy(ChainSource(img.chain), writer)
     return size
+
+
+def write_ova(req: ExportRequest, dest: str, stream_fd: int | None = None) -> dict[str, Any]:
+    """The request as an OVA at ``dest`` (or, ``dest`` "-", to ``stream_fd``), signed
+    when it names a private key. Returns the notes to print."""
+    # imported here: OVA packaging (and cryptography) is not needed to list targets
+    from ..packages.ova_write import export_ova
+    from ..packages.signing import load_signer
+
+    signer = load_signer(req.private_key, req.certificate)
+    export_ova(req.image, dest, src_fmt=req.fmt, version=req.ovf_version, name=req.base,
+               cpus=req.cpus, memory=req.memory, untrusted=req.untrusted, signer=signer,
+               stream_fd=stream_fd)
+    notes: dict[str, Any] = {"ovf_version": req.ovf_version}
+    if signer is not None:
+        notes["signed_by"] = signer.certificate.subject.rfc4514_string()
+    return notes
+
+
+def stream_ova(req: ExportRequest, fd: int) -> dict[str, Any]:
+    """``write_ova`` to a pipe or socket (``export -o -``)."""
+    return write_ova(req, "-", fd)
 
 
 def data_regions(img: Image) -> list[tuple[int, int]]:

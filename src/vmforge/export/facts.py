@@ -4,30 +4,33 @@ tar's members, or an OVA's descriptor, manifest and digests.
 Validation reads files from strangers: nothing is ever extracted or followed. A tar is
 read through ``tarfile`` member headers and bounded member reads; a disk is probed by
 its headers and opened untrusted (a reference to another file is a fact, not a file
-to open). Memory stays bounded: members are hashed in chunks, text members are capped.
+to open); a sparse VMDK inside an OVA is opened in place, through the member's byte
+range of the archive, for its first sector. Memory stays bounded: members are hashed
+in chunks, text members are capped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import struct
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from ..errors import BackingChainError, VmforgeError
+from ..errors import BackingChainError, TruncatedImage, VmforgeError
 from ..formats.base import Format, HostFile
 from ..formats.qcow2 import structs as Q
 from ..formats.vdi import structs as VDI
 from ..formats.vhd import structs as VHD
 from ..formats.vmdk import structs as VMDK
 from ..formats.vmdk.descriptor import MAX_DESCRIPTOR_BYTES, parse_descriptor
-from ..ops import open_image
-from ..packages.ova import parse_manifest
-from ..packages.ovf import Descriptor, parse_ovf
+
+if TYPE_CHECKING:
+    from ..packages.ovf import Descriptor
 
 MAX_MEMBERS = 4096
 MAX_TEXT = 4 << 20  # descriptors, manifests, JSON documents
@@ -84,6 +87,8 @@ def disk_facts(read: Reader, size: int, path: str | None = None) -> DiskFacts:
     except (VmforgeError, struct.error, ValueError) as err:
         facts.error = str(err)
     if path is not None and facts.fmt != "ambiguous":
+        from ..ops import open_image
+
         try:
             with open_image(path, facts.fmt, untrusted=True) as img:
                 facts.virtual_size = img.virtual_size
@@ -294,9 +299,13 @@ class Subject:
             return f.read(length)
 
         try:
-            return disk_facts(read, member.info.size)
+            facts = disk_facts(read, member.info.size)
         except (tarfile.TarError, OSError, EOFError) as err:
             return DiskFacts("unreadable", member.info.size, error=str(err))
+        if facts.vmdk_header is not None and not facts.error and self.tar is not None \
+                and not self.tar.gzip:
+            _open_member_vmdk(facts, _MemberFile(self.path, member))
+        return facts
 
     @cached_property
     def ova(self) -> OvaFacts | None:
@@ -341,9 +350,15 @@ class OvaFacts:
     manifest_error: str | None
     digests: dict[str, dict[str, str] | None]
     disks: dict[str, DiskFacts | None]
+    cert_member: Member | None = None
+    cert_text: bytes | None = None  # None when absent, unreadable or too large
 
 
 def _ova_facts(s: Subject, tar: TarFacts) -> OvaFacts:
+    # imported here: OVF parsing (defusedxml) and OVA packaging load only for an OVA
+    from ..packages.ova import parse_manifest
+    from ..packages.ovf import parse_ovf
+
     ovf = tar.members[0]
     text = s.member_text(ovf)
     desc, ovf_error = None, None
@@ -373,6 +388,63 @@ def _ova_facts(s: Subject, tar: TarFacts) -> OvaFacts:
                 href = desc.file(d.file_ref).href
                 member = tar.find(href)
                 disks[href] = s.member_disk(member) if member is not None else None
-    return OvaFacts(ovf, desc, ovf_error, mf, manifest, mf_text, mf_error, digests, disks)
+    cert = next((m for m in tar.members if m.name.lower().endswith(".cert")), None)
+    return OvaFacts(ovf, desc, ovf_error, mf, manifest, mf_text, mf_error, digests, disks, cert,
+                    s.member_text(cert) if cert is not None else None)
+
+
+class _MemberFile(HostFile):
+    """One member of an uncompressed tar as a read-only file: the member's bytes in the
+    archive, read in place (nothing is extracted), so a disk's reader can open it."""
+
+    def __init__(self, archive: str, member: Member) -> None:
+        super().__init__(archive)
+        self.path = f"{archive}:{member.name}"
+        self.base = member.info.offset_data
+        self.size = member.info.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = self.pread_upto(offset, length)
+        if len(data) != length:
+            raise TruncatedImage(f"needs {length} bytes at offset {offset} but the member is "
+                                 f"{self.size} bytes", path=self.path, offset=offset)
+        return data
+
+    def pread_upto(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        return os.pread(self.fd, length, self.base + offset) if length else b""
+
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        buf[:] = self.pread(offset, len(buf))
+
+
+def _open_member_vmdk(facts: DiskFacts, host: _MemberFile) -> None:
+    """Open a sparse VMDK member in place (untrusted) for its size, first sector and
+    any parent it names; a failure is the disk's error. ``host`` is closed."""
+    # imported here: reading a disk inside a package is only needed for an OVA
+    from ..engine.chain import Chain
+    from ..engine.stream import ExtentStream
+    from ..formats.base import ImageReader, OpenOptions
+    from ..formats.vmdk.reader import VmdkReader
+
+    class MemberVmdk(VmdkReader):
+        # the reader opens its one file through _open_host: hand it the member instead
+        def _open_host(self, path: str) -> HostFile:
+            self._hosts.append(host)
+            return host
+
+    try:
+        opened: ImageReader = MemberVmdk(host.path, OpenOptions(untrusted=True))
+        with Chain([opened]) as chain:
+            reader = chain.top
+            facts.virtual_size = reader.virtual_size
+            if reader.backing is not None:
+                facts.references = f"it names a parent disk ({reader.backing.filename})"
+            if reader.virtual_size >= 512:
+                facts.boot_sector = ExtentStream(chain).read(0, 512)
+    except VmforgeError as err:
+        facts.error = str(err)
+    finally:
+        host.close()
 
 

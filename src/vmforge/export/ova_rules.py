@@ -7,12 +7,15 @@ Extents": header version 3 for VMware products).
 
 from __future__ import annotations
 
+from ..errors import VmforgeError
 from .facts import USTAR_MAGIC, DiskFacts, Subject
 from .rules import Rule
 
 DSP0243 = "DMTF DSP0243 2.1.1 section 5.3 (OVF packages)"
 DSP0243_MF = "DMTF DSP0243 2.1.1 section 5.1 (manifest)"
 DSP0243_DISK = "DMTF DSP0243 2.1.1 section 9.1 (DiskSection format URI)"
+DSP0243_CERT = ("DMTF DSP0243 2.1.1 section 5.2 (certificate); VMware OVF Tool User's Guide, "
+                "'OVF Package Signing'")
 VMDK_SPEC = "VMware Virtual Disk Format 5.0, 'Stream-Optimized Compressed Sparse Extents'"
 
 
@@ -104,6 +107,9 @@ def _order(s: Subject) -> str | None:
     names = [m.name for m in tar.members]
     if ova.manifest_member is not None and names.index(ova.manifest_member.name) != 1:
         return "the manifest does not immediately follow the descriptor"
+    if ova.cert_member is not None and ova.manifest_member is not None and \
+            names.index(ova.cert_member.name) != 2:
+        return "the certificate file does not immediately follow the manifest"
     rest = [n for n in names[1:] if not n.lower().endswith((".mf", ".cert"))]
     hrefs = [f.href for f in ova.descriptor.files]
     missing = [h for h in hrefs if h not in rest]
@@ -136,6 +142,24 @@ def _stream_optimized(s: Subject) -> str | None:
     return None
 
 
+def _signature(s: Subject) -> str | None:
+    ova = s.ova
+    if ova is None or ova.cert_member is None:
+        return None  # an unsigned package is valid
+    if ova.manifest_member is None or ova.manifest_text is None:
+        return "the package has a certificate file but no manifest for it to sign"
+    if ova.cert_text is None:
+        return "the certificate file is unreadable or too large"
+    from ..packages.signing import verify_cert_file  # on use: cryptography is heavy
+
+    try:
+        verify_cert_file(ova.cert_text, ova.manifest_member.name, ova.manifest_text,
+                         ova.cert_member.name)
+    except VmforgeError as err:
+        return str(err)
+    return None
+
+
 def _version3(s: Subject) -> str | None:
     for name, disk in vmdk_disks(s):
         h = disk.vmdk_header if disk else None
@@ -154,12 +178,15 @@ def ova_rules(target: str, skip: tuple[str, ...] = ()) -> tuple[Rule, ...]:
              "the tar uncompressed", DSP0243, _ustar),
         Rule(f"{target}.ovf-valid", "the descriptor is well-formed OVF 1.x or 2.x",
              "DMTF DSP0243 1.1.0 / 2.1.1", _ovf_parses),
-        Rule(f"{target}.ova-order", "the manifest follows the descriptor, then the files in "
-             "References order, sizes as declared, nothing else", DSP0243, _order),
+        Rule(f"{target}.ova-order", "the manifest follows the descriptor (and a certificate "
+             "the manifest), then the files in References order, sizes as declared, nothing "
+             "else", DSP0243, _order),
         Rule(f"{target}.manifest", "a manifest lists a digest of every file, each matches, "
              "spelt 'SHA256(name)= hex'", DSP0243_MF, _manifest),
         Rule(f"{target}.manifest-algorithm", "SHA1 digests for OVF 1.x, SHA256 for OVF 2.x",
              DSP0243_MF, _manifest_algo),
+        Rule(f"{target}.signature", "a certificate file, when present, holds a signature of "
+             "the manifest that its certificate verifies", DSP0243_CERT, _signature),
         Rule(f"{target}.vmdk-stream", "disks are streamOptimized VMDKs, declared with the "
              "#streamOptimized format URI", f"{DSP0243_DISK}; {VMDK_SPEC}", _stream_optimized),
         Rule(f"{target}.vmdk-version", "a streamOptimized VMDK has sparse header version 3",

@@ -37,6 +37,8 @@ class Profile:
     ``build(request, path)`` writes the output at ``path`` (a private name the caller
     renames into place once the output validates) and returns notes to print, such as
     the Glance formats; ``notes(subject)`` adds such facts to a validation report.
+    ``stream(request, fd)``, for targets whose output can be written in order, writes
+    it to a pipe or socket (``export -o -``).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Profile:
     #: output names the target's files carry; the first is what a bare name gets
     extensions: tuple[str, ...] = ()
     notes: Callable[[Subject], dict[str, Any]] | None = None
+    stream: Callable[[ExportRequest, int], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

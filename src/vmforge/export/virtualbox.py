@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..formats.vdi import structs as VDI
-from ..packages.ova import export_ova
-from .build import ExportRequest, copy_into
+from .build import ExportRequest, copy_into, stream_ova, write_ova
 from .facts import Subject
 from .ova_rules import ova_rules
 from .rules import Profile, Rule
@@ -74,10 +73,8 @@ def build(req: ExportRequest, path: str) -> dict[str, Any]:
     if req.output.endswith(".vdi"):
         copy_into(req, path, "vdi", {})
         return {}
-    export_ova(req.image, path, src_fmt=req.fmt, version=req.ovf_version, name=req.base,
-               cpus=req.cpus, memory=req.memory, untrusted=req.untrusted)
-    return {"ovf_version": req.ovf_version}
+    return write_ova(req, path)
 
 
 PROFILE = Profile("virtualbox", "an OVA (OVF 1.0 or 2.0); a dynamic VDI when the output "
-                  "ends in .vdi", RULES, build, (".ova", ".vdi"))
+                  "ends in .vdi", RULES, build, (".ova", ".vdi"), stream=stream_ova)

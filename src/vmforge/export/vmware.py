@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..packages.ova import export_ova
-from .build import ExportRequest, copy_into
+from .build import ExportRequest, copy_into, stream_ova, write_ova
 from .facts import Subject
 from .ova_rules import DSP0243, ova_rules
 from .rules import Profile, Rule
@@ -34,11 +33,9 @@ def build(req: ExportRequest, path: str) -> dict[str, Any]:
     if req.output.endswith(".vmdk"):
         copy_into(req, path, "vmdk", {"subformat": "streamOptimized", "adapter_type": "lsilogic"})
         return {}
-    export_ova(req.image, path, src_fmt=req.fmt, version=req.ovf_version, name=req.base,
-               cpus=req.cpus, memory=req.memory, untrusted=req.untrusted)
-    return {"ovf_version": req.ovf_version}
+    return write_ova(req, path)
 
 
 PROFILE = Profile("vmware", "an OVA (OVF 1.0 or 2.0, streamOptimized VMDK version 3); "
                   "a bare streamOptimized VMDK when the output ends in .vmdk", RULES, build,
-                  (".ova", ".vmdk"))
+                  (".ova", ".vmdk"), stream=stream_ova)

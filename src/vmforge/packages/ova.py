@@ -10,36 +10,35 @@ directories, absolute or ``..`` names, names with a directory part and duplicate
 names are refused; the first member must be the .ovf; every other member must be the
 manifest, a certificate or a file the descriptor references. Each referenced file is
 copied into a private work directory while its digests are computed, and only once the
-manifest has verified every file is any disk opened (as an untrusted image).
+manifest has verified every file is any disk opened (as an untrusted image). A
+certificate file, when present, must sign the manifest (``signing``); an unsigned
+package still imports. Writing packages is in ``ova_write``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import tarfile
 import tempfile
-import time
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO
+from typing import IO
 
 from ..errors import CorruptImage, ImageNotFound, LimitExceeded, OutputError, UnsupportedFeature
-from ..model.hardware import Bus, Disk, Nic, NicModel, VirtualHardware
+from ..model.hardware import VirtualHardware
 from ..ops import convert, create, open_image
-from ..ops.output import atomic_output, work_directory
 from .ovf import Descriptor, parse_ovf
-from .ovf_write import descriptor_from_hardware, write_ovf
+from .signing import SignatureInfo, verify_cert_file
 
 #: manifests and certificates are a few lines
 MAX_MANIFEST = 1 << 20
 MAX_MEMBERS = 4096
 _MF_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\(([^()]+)\)= ?([0-9a-fA-F]+)$")
-_ALGOS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
+ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 _PLAIN = re.compile(r"^[^/\\\x00-\x1f]+$")
 _COPY_CHUNK = 1 << 20
 
@@ -59,6 +58,11 @@ class Package:
     ovf_bytes: bytes
     files: dict[str, str] = field(default_factory=dict)  # href -> verified copy
     manifest: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (algo, hex)
+    manifest_name: str | None = None
+    manifest_bytes: bytes = b""
+    cert: tuple[str, bytes] | None = None  # (member name, bytes) of a certificate file
+    #: the verified signer, when the package carries a certificate file
+    signature: SignatureInfo | None = None
 
 
 def _member_name(m: tarfile.TarInfo, path: str) -> str:
@@ -90,7 +94,7 @@ def _read_capped(f: IO[bytes], size: int, cap: int, what: str, path: str) -> byt
 
 
 def _copy(src: IO[bytes], dest: str, size: int, algos: list[str], path: str) -> dict[str, str]:
-    hashers = {a: hashlib.new(_ALGOS[a]) for a in algos}
+    hashers = {a: hashlib.new(ALGORITHMS[a]) for a in algos}
     left = size
     with open(dest, "xb") as out:
         while left:
@@ -102,6 +106,26 @@ def _copy(src: IO[bytes], dest: str, size: int, algos: list[str], path: str) -> 
             out.write(chunk)
             left -= len(chunk)
     return {a: h.hexdigest() for a, h in hashers.items()}
+
+
+def looks_like_ova(path: str) -> bool:
+    """True if ``path`` starts with a valid ustar header naming an .ovf (an OVA's first
+    member); a cheap sniff, not a verification."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    if len(head) < 512 or head[257:262] != b"ustar":  # POSIX ustar magic
+        return False
+    try:
+        stored = int(head[148:156].split(b"\0")[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    # the ustar checksum: the header's byte sum with its own field read as spaces
+    if stored != sum(head[:148]) + 8 * 32 + sum(head[156:]):
+        return False
+    return head[:100].split(b"\0")[0].lower().endswith(b".ovf")
 
 
 def parse_manifest(text: bytes, path: str) -> dict[str, tuple[str, str]]:
@@ -118,7 +142,7 @@ def parse_manifest(text: bytes, path: str) -> dict[str, tuple[str, str]]:
         if m is None:
             raise PackageError(f"manifest line {line[:80]!r} is not 'SHA256(name)= hex'", path=path)
         algo, name, digest = m.groups()
-        if len(digest) != hashlib.new(_ALGOS[algo]).digest_size * 2:
+        if len(digest) != hashlib.new(ALGORITHMS[algo]).digest_size * 2:
             raise PackageError(f"manifest digest of {name} has the wrong length", path=path)
         if name in out:
             raise PackageError(f"manifest names {name} twice", path=path)
@@ -136,7 +160,6 @@ def read_ova(path: str, workdir: str, *, configuration: str | None = None,
     seen: set[str] = set()
     pkg: Package | None = None
     digests: dict[str, dict[str, str]] = {}
-    mf_name = None
     with open(path, "rb") as raw:
         try:
             tar = tarfile.open(fileobj=raw, mode="r|")  # noqa: SIM115 (closed with raw)
@@ -156,25 +179,29 @@ def read_ova(path: str, workdir: str, *, configuration: str | None = None,
                     text = _read_capped(data, m.size, 4 << 20, "the descriptor", path)
                     pkg = Package(parse_ovf(text, name=f"{path}:{name}",
                                             configuration=configuration), name, text)
-                    digests[name] = {a: hashlib.new(h, text).hexdigest() for a, h in _ALGOS.items()}
+                    digests[name] = {a: hashlib.new(h, text).hexdigest() for a, h in ALGORITHMS.items()}
                     _check_hrefs(pkg.descriptor, path)
                     continue
                 assert pkg is not None
                 lower = name.lower()
                 if lower.endswith(".mf"):
-                    if mf_name is not None:
+                    if pkg.manifest_name is not None:
                         raise PackageError("more than one manifest", path=path)
-                    mf_name = name
-                    pkg.manifest = parse_manifest(
-                        _read_capped(data, m.size, MAX_MANIFEST, "the manifest", path), path)
+                    pkg.manifest_name = name
+                    pkg.manifest_bytes = _read_capped(data, m.size, MAX_MANIFEST, "the manifest",
+                                                      path)
+                    pkg.manifest = parse_manifest(pkg.manifest_bytes, path)
                 elif lower.endswith(".cert"):
-                    _read_capped(data, m.size, MAX_MANIFEST, "the certificate", path)
+                    if pkg.cert is not None:
+                        raise PackageError("more than one certificate file", path=path)
+                    pkg.cert = (name, _read_capped(data, m.size, MAX_MANIFEST,
+                                                   "the certificate", path))
                 elif name in {f.href for f in pkg.descriptor.files}:
                     ref = next(f for f in pkg.descriptor.files if f.href == name)
                     if ref.size is not None and ref.size != m.size:
                         raise PackageError(f"{name} is {m.size} bytes, the descriptor says "
                                            f"{ref.size}", path=path)
-                    algos = sorted({a for a, _ in pkg.manifest.values()}) or list(_ALGOS)
+                    algos = sorted({a for a, _ in pkg.manifest.values()}) or list(ALGORITHMS)
                     copy = os.path.join(workdir, f"file{len(pkg.files)}")
                     digests[name] = _copy(data, copy, m.size, algos, path)
                     pkg.files[name] = copy
@@ -189,7 +216,7 @@ def read_ova(path: str, workdir: str, *, configuration: str | None = None,
         if ref.href not in pkg.files:
             raise PackageError(f"the descriptor references {ref.href}, which the package lacks",
                                path=path)
-    _verify(pkg, digests, mf_name, require_manifest, path)
+    _verify(pkg, digests, require_manifest, path)
     return pkg
 
 
@@ -200,9 +227,11 @@ def _check_hrefs(desc: Descriptor, path: str) -> None:
                                path=path, hint="URLs and paths outside the package are refused")
 
 
-def _verify(pkg: Package, digests: dict[str, dict[str, str]], mf_name: str | None,
-            require_manifest: bool, path: str) -> None:
-    if mf_name is None:
+def _verify(pkg: Package, digests: dict[str, dict[str, str]], require_manifest: bool,
+            path: str) -> None:
+    if pkg.manifest_name is None:
+        if pkg.cert is not None:
+            raise PackageError(f"{pkg.cert[0]} signs a manifest the package lacks", path=path)
         if require_manifest:
             raise PackageError("the package has no manifest (.mf): its files cannot be verified",
                                path=path, hint="pass --no-manifest to import it unverified")
@@ -217,6 +246,10 @@ def _verify(pkg: Package, digests: dict[str, dict[str, str]], mf_name: str | Non
         if got.get(algo) != want:
             raise PackageError(f"{algo} digest mismatch for {name}", path=path,
                                hint="the package was altered or damaged after it was made")
+    if pkg.cert is not None:
+        # the signature covers the manifest's bytes; the manifest covers every file
+        pkg.signature = verify_cert_file(pkg.cert[1], pkg.manifest_name, pkg.manifest_bytes,
+                                         f"{path}:{pkg.cert[0]}")
 
 
 # --- import --------------------------------------------------------------------------
@@ -224,11 +257,21 @@ def _verify(pkg: Package, digests: dict[str, dict[str, str]], mf_name: str | Non
 _EXT = {"qcow2": "qcow2", "raw": "img", "vmdk": "vmdk", "vpc": "vhd", "vhdx": "vhdx", "vdi": "vdi"}
 
 
+@dataclass(frozen=True)
+class Imported:
+    """What ``import_ova`` made: the declared hardware (disk paths relative to the output
+    directory), the files written, and the package's signer if it was signed."""
+
+    hardware: VirtualHardware
+    files: list[str]
+    signature: SignatureInfo | None = None
+
+
 def import_ova(path: str, outdir: str, *, out_fmt: str = "qcow2",
-               configuration: str | None = None, require_manifest: bool = True
-               ) -> tuple[VirtualHardware, list[str]]:
-    """Verify ``path``, convert each disk into ``outdir`` (one file per disk) and write
-    ``hardware.json`` beside them. Returns the hardware and the files written.
+               configuration: str | None = None, require_manifest: bool = True) -> Imported:
+    """Verify ``path`` (manifest digests, and the signature when it carries a
+    certificate file), convert each disk into ``outdir`` (one file per disk) and write
+    ``hardware.json`` beside them.
 
     Everything is staged in a private directory inside ``outdir`` and moved into place
     only at the end; on failure nothing is left behind (and ``outdir`` is removed if
@@ -285,7 +328,7 @@ def import_ova(path: str, outdir: str, *, out_fmt: str = "qcow2",
                                   hint="import into an empty directory")
         for name in finals:
             os.replace(os.path.join(staged, name), os.path.join(outdir, name))
-        return hw, [os.path.join(outdir, n) for n in finals]
+        return Imported(hw, [os.path.join(outdir, n) for n in finals], pkg.signature)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         if created:
@@ -299,66 +342,3 @@ def import_ova(path: str, outdir: str, *, out_fmt: str = "qcow2",
 def _disk_href(desc: Descriptor, disk_id: str) -> str:
     disk = desc.disk(disk_id)
     return desc.file(disk.file_ref).href if disk.file_ref else disk_id
-
-
-# --- export --------------------------------------------------------------------------
-
-def manifest_line(algo: str, name: str, digest: str) -> str:
-    """VMware's strict spelling: ``SHA256(name)= hex``, one space after '='."""
-    return f"{algo}({name})= {digest}\n"
-
-
-def _file_digest(path: str, algo: str) -> str:
-    h = hashlib.new(_ALGOS[algo])
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-
-
-def _add(tar: tarfile.TarFile, name: str, size: int, data: BinaryIO) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o644, int(time.time())
-    info.uname = info.gname = ""
-    tar.addfile(info, data)
-
-
-def export_ova(image: str, dest: str, *, src_fmt: str | None = None, version: str = "1.0",
-               name: str | None = None, cpus: int = 1, memory: int = 1 << 30,
-               untrusted: bool = False) -> Descriptor:
-    """Write ``dest`` (an OVA for VMware-compatible targets): the .ovf (``version`` 1.0
-    or 2.0), the manifest (SHA1 for 1.0, SHA256 for 2.0) and the disk as a
-    streamOptimized VMDK on an LSI Logic SCSI controller, with one E1000 NIC.
-
-    First slice: the VMDK is written to a temporary file beside ``dest`` first, since a
-    tar header needs the member's size before its data.
-    """
-    base = name or os.path.splitext(os.path.basename(image))[0]
-    base = re.sub(r"[^A-Za-z0-9_.-]", "_", base)[:48].lstrip(".") or "vm"
-    disk_name, ovf_name, mf_name = f"{base}-disk1.vmdk", f"{base}.ovf", f"{base}.mf"
-    algo = "SHA1" if version.startswith("1") else "SHA256"
-    with work_directory(dest) as work:
-        vmdk = os.path.join(work, disk_name)
-        with open_image(image, src_fmt, untrusted=untrusted) as img:
-            capacity = img.virtual_size
-        convert(image, vmdk, "vmdk", src_fmt=src_fmt, untrusted=untrusted,
-                options={"subformat": "streamOptimized", "adapter_type": "lsilogic"})
-        capacity = (capacity + 511) // 512 * 512
-        hw = VirtualHardware(cpus=cpus, memory=memory, serial=False,
-                             disks=(Disk(disk_name, "vmdk", Bus.SCSI),),
-                             nics=(Nic(NicModel.E1000),))
-        desc = descriptor_from_hardware(hw, version=version, name=base,
-                                        capacities={disk_name: capacity},
-                                        file_sizes={disk_name: os.path.getsize(vmdk)})
-        ovf = write_ovf(desc)
-        mf = (manifest_line(algo, ovf_name, hashlib.new(_ALGOS[algo], ovf).hexdigest())
-              + manifest_line(algo, disk_name, _file_digest(vmdk, algo))).encode()
-        with atomic_output(dest) as tmp, open(tmp, "xb") as out, \
-                tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            _add(tar, ovf_name, len(ovf), io.BytesIO(ovf))
-            _add(tar, mf_name, len(mf), io.BytesIO(mf))
-            with open(vmdk, "rb") as f:
-                _add(tar, disk_name, os.path.getsize(vmdk), f)
-    return desc
