@@ -11,7 +11,7 @@ MAKEFLAGS += --no-builtin-rules
 
 # Debian packages the tests and demo need.  qemu-img (qemu-utils) is the test oracle;
 # extend with e.g. qemu-system-x86 e2fsprogs busybox-static when tests need them.
-APT_PACKAGES ?= qemu-utils qemu-system-x86 e2fsprogs busybox-static fdisk
+APT_PACKAGES ?= qemu-utils qemu-system-x86 e2fsprogs busybox-static fdisk openssl
 
 PYTHON     ?= python3
 VENV       := .venv
@@ -19,6 +19,7 @@ VPY        := $(VENV)/bin/python
 STAMP      := $(VENV)/.stamp
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
+RUNTIME_BENCH_ARGS ?=
 
 .PHONY: help setup apt venv demo test lint bench clean distclean
 
@@ -26,6 +27,9 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: apt venv  ## install missing apt packages, create/refresh .venv (idempotent)
+	@# an editable install leaves bytecode compiling to the first import (or to every
+	@# run under PYTHONDONTWRITEBYTECODE): compile once, as pip does for an installed package
+	@$(VPY) -m compileall -q src
 
 # Installs only what dpkg says is missing; `apt-get update` runs only in that case.
 # Without root or sudo it prints the command instead of failing, so a developer
@@ -72,8 +76,9 @@ lint: setup  ## ruff on all Python, mypy --strict on src
 	$(VPY) -m ruff check src tests scripts bench
 	$(VPY) -m mypy src/vmforge
 
-bench: setup  ## convert benchmark vs qemu-img; updates BENCHMARKS.md (BENCH_ARGS="--reps 5 ...")
+bench: setup  ## convert vs qemu-img, then the runtime (boot, migration, clones); updates BENCHMARKS.md
 	$(VPY) bench/convert.py --markdown BENCHMARKS.md $(BENCH_ARGS)
+	$(VPY) bench/runtime.py --markdown BENCHMARKS.md $(RUNTIME_BENCH_ARGS)
 
 clean:  ## remove caches and build leftovers (keeps .venv and the bench image cache)
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -print0 | xargs -0r rm -rf
