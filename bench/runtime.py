@@ -100,21 +100,9 @@ class Results:
 
 def qemu_pids(root: Path) -> list[int]:
     """Live (non-zombie) processes whose command line names ``root`` (only ours can)."""
-    needle = os.fsencode(str(root)) + b"/"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if needle in cmdline and stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] not in (b"Z", b"X"):
-            found.append(int(entry))
-    return found
+    from vmforge.runtime.state import vm_processes
+
+    return vm_processes(root)
 
 
 def rss_bytes(pid: int) -> int:

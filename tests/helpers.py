@@ -261,3 +261,29 @@ def poke(path: str | os.PathLike[str], offset: int, fmt: str, *values: int | byt
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(struct.pack(fmt, *values))
+
+
+def tar_members(path: str | os.PathLike[str]) -> list[tuple[str, bytes]]:
+    """Every member of a tar (an OVA) as (name, bytes), in archive order."""
+    import tarfile
+
+    out = []
+    with tarfile.open(path) as t:
+        for m in t.getmembers():
+            f = t.extractfile(m)
+            assert f is not None, m.name
+            out.append((m.name, f.read()))
+    return out
+
+
+def pack_ustar(dest: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A USTAR tar of ``members`` in the order given (an OVA when the .ovf is first)."""
+    import io
+    import tarfile
+
+    with tarfile.open(dest, "w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return dest

@@ -13,9 +13,25 @@ command-line switches select what else it does:
 ``vmforge.disk=1``    mount /dev/vda (ext4) and print ``VMFORGE-ROOT <first line of /hello>``
 ``vmforge.write=1``   also write /written in it, sync, print ``VMFORGE-WROTE``
 ``vmforge.counter=1`` print ``VMFORGE-COUNT n`` once a second, forever
+``vmforge.shell=1``   run an interactive busybox ``sh`` on ttyS0 (for ``vmforge vm console``)
+                      and print ``VMFORGE-SHELL``
 ``vmforge.ip=A/NN``   bring eth0 up with address A/NN
 ``vmforge.ping=B,C``  ping each address (up to 6 tries, 1 s apart, side by side) and print
                       ``VMFORGE-PING B ok`` or ``VMFORGE-PING B fail``
+``vmforge.seed=1``    load the CD-ROM drivers (AHCI, sr, ISO 9660: the bus runtime/machine.py
+                      puts the seed on), find the file system labelled ``cidata`` (the
+                      cloud-init NoCloud seed), mount it read-only, set the hostname from
+                      its meta-data and print ``VMFORGE-SEED hostname=<local-hostname>``,
+                      ``VMFORGE-USERDATA <first line of user-data>``,
+                      ``VMFORGE-USERDATA-SHA256 <digest of the whole user-data>`` and
+                      ``VMFORGE-SEED-DEVICE <device> ro=<blockdev --getro>``; or
+                      ``VMFORGE-SEED-FAILED <why>``
+``vmforge.gw=G``      add a default route via G (after ``vmforge.ip``)
+``vmforge.http=TOKEN`` serve ``/`` over HTTP on port 80 (busybox httpd) with the line
+                      ``VMFORGE-HTTP token=TOKEN osrelease=<kernel release> hostname=<hostname>``
+                      and print ``VMFORGE-HTTP-SERVING``; with QEMU's user-mode network use
+                      ``vmforge.ip=10.0.2.15/24 vmforge.gw=10.0.2.2`` (slirp's defaults, where
+                      its host forwards connect to)
 
 An ACPI power-button press (QMP ``system_powerdown``) powers the guest off, so the
 graceful stop path can be tested.
@@ -40,10 +56,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MARKER = "VMFORGE-GUEST-UP"
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "3"
 #: the modules /init loads; their dependencies are added in front automatically
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4", "evdev",
                   "button", "virtio_balloon")
+#: loaded only with ``vmforge.seed=1`` (so other boots do not pay for the AHCI probe): the
+#: seed CD-ROM sits on SATA (q35's built-in ICH9 AHCI, or an ``ahci`` device on pc), read
+#: through the SCSI CD-ROM driver; isofs reads its ISO 9660 + Rock Ridge names
+SEED_MODULES = ("ahci", "sr_mod", "isofs")
 BUSYBOX = "/bin/busybox"
 CONSOLE_APPEND = "console=ttyS0 panic=-1 quiet loglevel=3"
 
@@ -77,9 +97,61 @@ if has vmforge.disk=1; then
     echo "VMFORGE-ROOT-FAILED" > /dev/ttyS0
   fi
 fi
+if has vmforge.seed=1; then
+  for m in $(cat /modules-seed.order); do insmod "/lib/modules/$m" 2>/dev/null; done
+  # the AHCI ports are probed asynchronously: wait (bounded) for the labelled medium. The
+  # label is read from the ISO 9660 primary volume descriptor (ECMA-119 8.4: logical sector
+  # 16 of 2048 bytes; standard identifier "CD001" at byte 1, volume identifier at bytes
+  # 40-71, space padded). Not busybox findfs: its volume_id reads a 68 KiB probe buffer
+  # and gives up on a device smaller than that, which a seed ISO (66 KiB) is
+  dev=""; i=0
+  while [ -z "$dev" ] && [ $i -lt 300 ]; do
+    for d in /dev/sr* /dev/sd* /dev/vd*; do
+      [ -b "$d" ] || continue
+      if [ "$(dd if="$d" bs=1 skip=32769 count=5 2>/dev/null)" = CD001 ] &&
+         [ "$(dd if="$d" bs=1 skip=32808 count=32 2>/dev/null | tr -d ' ')" = cidata ]; then
+        dev=$d; break
+      fi
+    done
+    [ -n "$dev" ] || { sleep 0.1; i=$((i+1)); }
+  done
+  mkdir -p /seed
+  if [ -z "$dev" ]; then
+    devs=$(echo $(ls /dev | grep -E '^(sr|sd|vd)'))
+    echo "VMFORGE-SEED-FAILED no device labelled cidata (block devices: $devs)" > /dev/ttyS0
+  elif ! mount -t iso9660 -o ro "$dev" /seed; then
+    echo "VMFORGE-SEED-FAILED cannot mount $dev" > /dev/ttyS0
+  else
+    # meta-data is JSON or YAML: "local-hostname": "h", or local-hostname: h
+    h=$(sed -n 's/.*local-hostname"*: *"*\([^", ]*\).*/\1/p' /seed/meta-data | head -n 1)
+    [ -n "$h" ] && hostname "$h"
+    echo "VMFORGE-SEED hostname=$h" > /dev/ttyS0
+    echo "VMFORGE-USERDATA $(head -n 1 /seed/user-data)" > /dev/ttyS0
+    echo "VMFORGE-USERDATA-SHA256 $(sha256sum < /seed/user-data | cut -d ' ' -f 1)" > /dev/ttyS0
+    echo "VMFORGE-SEED-DEVICE $dev ro=$(blockdev --getro "$dev")" > /dev/ttyS0
+  fi
+fi
 for w in $cmdline; do
   case "$w" in
     vmforge.ip=*) ip link set lo up; ip link set eth0 up; ip addr add "${w#vmforge.ip=}" dev eth0;;
+  esac
+done
+for w in $cmdline; do
+  case "$w" in
+    vmforge.gw=*) ip route add default via "${w#vmforge.gw=}";;
+  esac
+done
+for w in $cmdline; do
+  case "$w" in
+    vmforge.http=*)
+      mkdir -p /www
+      r=$(cat /proc/sys/kernel/osrelease)
+      echo "VMFORGE-HTTP token=${w#vmforge.http=} osrelease=$r hostname=$(hostname)" > /www/index.html
+      if httpd -p 80 -h /www; then
+        echo "VMFORGE-HTTP-SERVING" > /dev/ttyS0
+      else
+        echo "VMFORGE-HTTP-FAILED" > /dev/ttyS0
+      fi;;
   esac
 done
 for w in $cmdline; do
@@ -95,6 +167,12 @@ for w in $cmdline; do
       done;;
   esac
 done
+if has vmforge.shell=1; then
+  # its own session: opening ttyS0 makes it the shell's controlling terminal (job
+  # control, Ctrl-C); -i: interactive (a prompt) whatever isatty says
+  setsid sh -c 'exec sh -i </dev/ttyS0 >/dev/ttyS0 2>&1' &
+  echo "VMFORGE-SHELL" > /dev/ttyS0
+fi
 n=0
 while true; do
   if has vmforge.counter=1; then echo "VMFORGE-COUNT $n" > /dev/ttyS0; fi
@@ -212,7 +290,8 @@ def build(root: Path | None = None) -> Guest:
     root = root or cache_root()
     root.mkdir(parents=True, exist_ok=True)
     package = kernel_package()
-    key = hashlib.sha256(f"{package}/{BUILDER_VERSION}/{WANTED_MODULES}/{INIT}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{package}/{BUILDER_VERSION}/{WANTED_MODULES}/{SEED_MODULES}/{INIT}"
+                         .encode()).hexdigest()[:12]
     final = root / f"{package}-{key}"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -240,13 +319,20 @@ def _build_into(final: Path, package: str) -> None:
         version = vmlinuz.name[len("vmlinuz-"):]
         modroot = tree / "lib" / "modules" / version
         mods = module_order(modroot, WANTED_MODULES)
+        seed_mods = [m for m in module_order(modroot, SEED_MODULES) if m not in mods]
+        missing = [n for n in SEED_MODULES
+                   if not any(m.name[:-3].replace("-", "_") == n for m in seed_mods + mods)]
+        if missing:
+            raise GuestUnavailable(f"{package} has no module {', '.join(missing)}")
         files: dict[str, tuple[int, bytes]] = {
             "init": (stat.S_IFREG | 0o755, INIT.encode()),
             "bin/busybox": (stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()),
             "modules.order": (stat.S_IFREG | 0o644,
                               "".join(f"{m.name}\n" for m in mods).encode()),
+            "modules-seed.order": (stat.S_IFREG | 0o644,
+                                   "".join(f"{m.name}\n" for m in seed_mods).encode()),
         }
-        for m in mods:
+        for m in mods + seed_mods:
             files[f"lib/modules/{m.name}"] = (stat.S_IFREG | 0o644, m.read_bytes())
         out = tmp / "out"
         out.mkdir()

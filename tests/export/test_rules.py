@@ -20,7 +20,7 @@ import pytest
 
 from tests.data.qemu import qemu_img
 from tests.export.common import MiB, boot_disk, mbr_sector
-from tests.helpers import poke, run_vmforge, vmforge_json, vmforge_ok
+from tests.helpers import poke, run_vmforge, tar_members, vmforge_json, vmforge_ok
 from vmforge.export import PROFILES
 from vmforge.formats.vdi import structs as VDI
 from vmforge.formats.vhd import structs as VHD
@@ -77,13 +77,7 @@ def tar_of(dest: Path, members: list[tuple[str, bytes]], fmt: int = tarfile.USTA
 
 def ova_members(kit: Kit, target: str, version: str = "1") -> list[tuple[str, bytes]]:
     ova = kit.good(target, f"v{version}.ova", "--ovf-version", version, "--name", "vm")
-    with tarfile.open(ova) as t:
-        out = []
-        for m in t.getmembers():
-            f = t.extractfile(m)
-            assert f is not None
-            out.append((m.name, f.read()))
-    return out
+    return tar_members(ova)
 
 
 def manifest(members: list[tuple[str, bytes]], algo: str) -> bytes:

@@ -3,17 +3,23 @@ signatures checked by vmforge, and every kind of bad signature refused cleanly."
 
 from __future__ import annotations
 
-import io
 import re
 import subprocess
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.data.qemu import qemu_img
-from tests.helpers import assert_clean_error, run_vmforge, vmforge_cmd, vmforge_json, vmforge_ok
+from tests.helpers import (
+    assert_clean_error,
+    pack_ustar,
+    run_vmforge,
+    tar_members,
+    vmforge_cmd,
+    vmforge_json,
+    vmforge_ok,
+)
 
 MiB = 1 << 20
 DIGEST = {"1": "sha1", "2": "sha256"}
@@ -41,23 +47,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def members(ova: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(ova) as t:
-        out = []
-        for m in t.getmembers():
-            f = t.extractfile(m)
-            assert f is not None
-            out.append((m.name, f.read()))
-    return out
-
-
-def pack(dest: Path, items: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(dest, "w", format=tarfile.USTAR_FORMAT) as t:
-        for name, data in items:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return dest
+members = tar_members
+pack = pack_ustar
 
 
 def unsigned(tmp: Path, src: Path, version: str = "2") -> list[tuple[str, bytes]]:

@@ -5,32 +5,27 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 
 from tests.data.guest import Guest, GuestUnavailable, build
+from vmforge.runtime.state import vm_processes
 
 QEMU_SYSTEM = shutil.which("qemu-system-x86_64")
 
 
 def qemu_processes(root: Path) -> list[int]:
     """Live (non-zombie) processes whose command line names ``root``."""
-    marker = os.fsencode(str(root))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if marker in cmdline and stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z":
-            found.append(int(entry))
-    return found
+    return vm_processes(root)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,19 @@ booted with the hardware its OVF declares (flags win). One real boot; the rest i
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_clean_error, run_vmforge, sha256, vmforge_json, vmforge_ok
+from tests.helpers import (
+    assert_clean_error,
+    pack_ustar,
+    run_vmforge,
+    sha256,
+    vmforge_json,
+    vmforge_ok,
+)
 from vmforge.model.hardware import Bus, Disk, Firmware, Nic, NicModel, VirtualHardware
 from vmforge.packages.ova import looks_like_ova
 from vmforge.packages.ovf import parse_ovf
@@ -63,13 +68,7 @@ def test_run_exported_ova(guest, vm_root, tmp_path):
     assert sha256(ova) == before  # the OVA itself is never written
 
 
-def _pack(dest: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(dest, "w", format=tarfile.USTAR_FORMAT) as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return dest
+_pack = pack_ustar
 
 
 def test_damaged_ova_leaves_no_vm(vm_root, tmp_path):

@@ -41,10 +41,14 @@ def test_house_rules(tmp_path):
     assert _options(argv, "-accel") == ["tcg,thread=multi"]
     assert _options(argv, "-sandbox")[0].startswith("on")
     # QMP only on a UNIX socket inside the state directory; serial into its log
-    qmp = [c for c in _options(argv, "-chardev") if c.startswith("socket,")]
+    qmp = [c for c in _options(argv, "-chardev") if c.startswith("socket,id=qmp,")]
     assert qmp == [f"socket,id=qmp,path={st.dir.absolute() / 'qmp.sock'},server=on,wait=off"]
     assert not any("tcp:" in a or "telnet" in a for a in argv)
-    assert f"file,id=serial0,path={st.dir.absolute() / 'serial.log'},append=on" in _options(argv, "-chardev")
+    # the serial port: a UNIX socket for 'vm console', everything it prints logged too
+    d = st.dir.absolute()
+    assert (f"socket,id=serial0,path={d / 'console.sock'},server=on,wait=off,"
+            f"logfile={d / 'serial.log'},logappend=on") in _options(argv, "-chardev")
+    assert _options(argv, "-serial") == ["chardev:serial0"]
     assert _options(argv, "-pidfile") == [str(st.dir.absolute() / "qemu.pid")]
     assert "-daemonize" in argv
     # the legacy -drive (with its format probing) is never used for disks

@@ -84,7 +84,7 @@ def test_live_migration_on_loopback_keeps_the_guest_running(guest, vm_root, tmp_
         # the source QEMU has exited; the VM directory leads to the destination
         assert qemu_processes(vm_root) == [done["destination_pid"]] == [st.pid()]
         assert sorted(p.name for p in st.dir.iterdir() if not p.name.startswith("disk")) == \
-            ["qemu.pid", "qmp.sock", "serial.log", "spec.json"]
+            ["console.sock", "qemu.pid", "qmp.sock", "serial.log", "spec.json"]
         shown = json.loads(vmforge_ok("vm", "show", "mg", "--output", "json").stdout)
         assert shown["status"] == "running" and shown["pid"] == done["destination_pid"]
         # the counter goes on in the same serial log, without starting over

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -59,3 +63,30 @@ def test_pid_must_name_the_directory(tmp_path):
     st.qmp_path.write_text("")
     st.clean_runtime_files()
     assert not st.pid_path.exists() and not st.qmp_path.exists()
+
+
+def test_not_gone_while_other_threads_still_hold_its_files(tmp_path):
+    """A killed QEMU's leader turns zombie while its other threads still tear down, holding
+    its sockets (a port forward kept answering after 'vm rm'). wait_gone waits for them."""
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, socket, sys, threading, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n")],  # the leader exits, its thread runs on
+        stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        deadline = time.monotonic() + 10
+        while not state.exiting(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.exiting(child.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the listening socket is still held
+        assert not state.wait_gone(state.VmState(tmp_path / "vm"), child.pid, 0.3)
+    finally:
+        child.kill()
+        child.wait()
+    assert not state.exiting(child.pid)
+    assert state.wait_gone(state.VmState(tmp_path / "vm"), child.pid, 1)
+    assert not state.exiting(os.getpid())  # a live process with its memory is not exiting

@@ -4,18 +4,21 @@ VMs (lifecycle, snapshots, clones, live migration, balloon)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..model import human_size
-from ..model.hardware import Nic, VirtualHardware, parse_cpus, parse_memory
 from .common import Lazy, Sub, add_output, command, print_json
 
 if TYPE_CHECKING:
+    from ..model.hardware import VirtualHardware
     from ..runtime import clones as vmclones
     from ..runtime import cloudinit
+    from ..runtime import console as vmconsole
     from ..runtime import errors as rterrors
     from ..runtime import host as vmhost
     from ..runtime import machine as rtmachine
@@ -28,6 +31,11 @@ else:  # the QEMU runtime (asyncio, qemu.qmp) is loaded only by the commands tha
     vmclones, cloudinit, rterrors, vmhost, rtmachine, vmmigrate, vmsnap, vmstate, vmrun = (
         Lazy(f"vmforge.runtime.{m}") for m in ("clones", "cloudinit", "errors", "host",
                                                "machine", "migrate", "snapshots", "state", "vm"))
+if TYPE_CHECKING:
+    from ..runtime import appliance as vmappliance
+else:
+    vmappliance = Lazy("vmforge.runtime.appliance")
+    vmconsole = Lazy("vmforge.runtime.console")
 
 #: a sanity bound for --count (each VM is a QEMU process with its own memory)
 MAX_COUNT = 64
@@ -38,22 +46,31 @@ def register(sub: Sub) -> None:
                 "  vmforge run --detach disk.qcow2                       boot it, return when up\n"
                 "  vmforge run --name web --cpus 2 --memory 1G disk.qcow2\n"
                 "  vmforge run --kernel vmlinuz --initrd initrd.img --append console=ttyS0 root.raw\n"
-                "  vmforge run --untrusted -f qcow2 --detach downloaded.qcow2\n")
-    p.add_argument("image")
-    p.add_argument("-f", dest="fmt", help="the image's format (probed when omitted)")
+                "  vmforge run --untrusted -f qcow2 --detach downloaded.qcow2\n"
+                "  vmforge run --detach appliance.ova     the hardware its OVF declares; flags win\n")
+    p.add_argument("image", help="a disk image, or an OVA appliance (imported into the VM)")
+    p.add_argument("-f", dest="fmt", help="the image's format (probed when omitted; 'ova' for "
+                                          "an appliance)")
     p.add_argument("--name", help="VM name (default: from the image file name)")
-    p.add_argument("--cpus", type=str, default="1", help="virtual CPUs (default 1)")
-    p.add_argument("--memory", type=str, default="512M", help="memory, e.g. 512M, 2G (default 512M)")
+    p.add_argument("--cpus", type=str, default=None,
+                   help="virtual CPUs (default 1, or what an OVA declares)")
+    p.add_argument("--memory", type=str, default=None,
+                   help="memory, e.g. 512M, 2G (default 512M, or what an OVA declares)")
     p.add_argument("--kernel", help="boot this kernel directly (no boot loader)")
     p.add_argument("--initrd", help="initial ramdisk for --kernel")
     p.add_argument("--append", help="kernel command line for --kernel")
-    p.add_argument("--net", default="user", metavar="NET",
+    p.add_argument("--net", default=None, metavar="NET",
                    help="network: user (NAT, the default), none, or segment:NAME (an isolated "
-                        "segment shared with the other VMs on it)")
+                        "segment shared with the other VMs on it); on an OVA, every NIC's")
     p.add_argument("--forward", action="append", default=[], metavar="HOST:GUEST",
                    help="forward TCP port HOST on 127.0.0.1 to GUEST in the VM (--net user; "
                         "repeatable)")
-    p.add_argument("--machine", default="q35", choices=("q35", "pc"), help="machine type")
+    p.add_argument("--machine", default=None, choices=("q35", "pc"),
+                   help="machine type (default q35, or what an OVA declares)")
+    p.add_argument("--disk-bus", choices=("virtio", "sata", "ide", "scsi"),
+                   help="OVA: attach every hard disk on this bus instead of the declared one")
+    p.add_argument("--configuration",
+                   help="OVA: the OVF deployment option to boot (default: its default)")
     p.add_argument("--accel", default=None, choices=("auto", "kvm", "tcg"),
                    help="accelerator (default auto: KVM if a probe boots under it, else TCG)")
     p.add_argument("--marker", action="append", metavar="TEXT",
@@ -88,6 +105,10 @@ def register(sub: Sub) -> None:
                 "  vmforge vm list\n  vmforge vm show web\n  vmforge vm logs web\n"
                 "  vmforge vm stop web        ACPI power-down, then quit, then kill\n"
                 "  vmforge vm kill web\n  vmforge vm rm web\n"
+                "  vmforge vm pause web       freeze the guest's CPUs\n"
+                "  vmforge vm resume web\n"
+                "  vmforge vm console web     the serial console; Ctrl-] leaves\n"
+                "  echo uname -a | vmforge vm console web --timeout 5    from a script\n"
                 "  vmforge vm snapshot web before-upgrade      RAM, devices and disks\n"
                 "  vmforge vm restore web before-upgrade\n"
                 "  vmforge vm clone web web2 --start\n"
@@ -110,6 +131,18 @@ def register(sub: Sub) -> None:
     q = vsub.add_parser("kill", help="stop at once (SIGKILL)")
     q.add_argument("name")
     q.set_defaults(func=cmd_kill)
+    q = vsub.add_parser("pause", help="freeze a running VM's CPUs (QMP stop)")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_pause)
+    q = vsub.add_parser("resume", help="let a paused VM run on (QMP cont)")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_resume)
+    q = vsub.add_parser("console", help="attach to the serial console (Ctrl-] detaches)")
+    q.add_argument("name")
+    q.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="detach after S seconds (for scripts; default: until Ctrl-], the "
+                        "VM stops or, without a terminal, Ctrl-C)")
+    q.set_defaults(func=cmd_console)
     q = vsub.add_parser("logs", help="print the serial console log")
     q.add_argument("name")
     q.add_argument("-n", "--tail", type=int, default=None, metavar="N", help="only the last N lines")
@@ -166,17 +199,28 @@ def register(sub: Sub) -> None:
     q.set_defaults(func=cmd_rm)
 
 
+def _network(net: str) -> str:
+    """``--net`` as a NIC's network: ``user``, ``none`` or a segment name."""
+    if net in ("user", "none"):
+        return net
+    if net.startswith("segment:") and net[len("segment:"):] not in ("user", "none"):
+        return net[len("segment:"):]
+    raise UsageError(f"unknown network {net!r}", hint="use user, none or segment:NAME")
+
+
 def _hardware(args: argparse.Namespace) -> VirtualHardware:
-    if args.net in ("user", "none"):
-        nics = (Nic(network="user", forwards=tuple(args.forward)),) if args.net == "user" else ()
-    elif args.net.startswith("segment:") and args.net[len("segment:"):] not in ("user", "none"):
-        nics = (Nic(network=args.net[len("segment:"):]),)
-    else:
-        raise UsageError(f"unknown network {args.net!r}", hint="use user, none or segment:NAME")
-    if args.forward and args.net != "user":
+    from ..model.hardware import Nic, VirtualHardware, parse_cpus, parse_memory
+
+    net = _network(args.net or "user")
+    nics: tuple[Nic, ...] = () if net == "none" else \
+        (Nic(network=net, forwards=tuple(args.forward) if net == "user" else ()),)
+    if args.forward and net != "user":
         raise UsageError("--forward needs --net user")
-    return VirtualHardware(cpus=parse_cpus(args.cpus), memory=parse_memory(args.memory), nics=nics,
-                           machine=args.machine, kernel=args.kernel, initrd=args.initrd,
+    # 'is None', not 'or': an empty --cpus= / --memory= is a mistake, not the default
+    return VirtualHardware(cpus=parse_cpus("1" if args.cpus is None else args.cpus),
+                           memory=parse_memory("512M" if args.memory is None else args.memory),
+                           nics=nics,
+                           machine=args.machine or "q35", kernel=args.kernel, initrd=args.initrd,
                            append=args.append).validate()
 
 
@@ -189,15 +233,44 @@ def _seed(args: argparse.Namespace) -> Seed | None:
                           tuple(cloudinit.ssh_key(k) for k in args.ssh_key))
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    hw = _hardware(args)
-    markers = tuple(args.marker) if args.marker else vmrun.DEFAULT_MARKERS
-    seed = _seed(args)
+def _run_appliance(args: argparse.Namespace, markers: tuple[str, ...]) -> vmrun.Started:
+    """``run`` on an OVA: the declared hardware, with the flags given on top."""
+    from ..model.hardware import Bus, parse_cpus, parse_memory
+
     if args.count != 1:
-        return _run_many(args, hw, markers, seed)
-    started = vmrun.start(args.image, hw, name=args.name, image_format=args.fmt,
-                          untrusted=args.untrusted, accel=args.accel, markers=markers,
-                          wait=not args.no_wait, timeout=args.timeout, seed=seed)
+        raise UsageError("--count does not apply to an OVA",
+                         hint="import it first ('vmforge import'), then run its disk with --count")
+    overrides = vmappliance.Overrides(
+        cpus=parse_cpus(args.cpus) if args.cpus is not None else None,
+        memory=parse_memory(args.memory) if args.memory is not None else None,
+        machine=args.machine,
+        disk_bus=Bus(args.disk_bus) if args.disk_bus else None,
+        network=_network(args.net) if args.net else None, forwards=tuple(args.forward),
+        kernel=args.kernel, initrd=args.initrd, append=args.append)
+    return vmappliance.start_appliance(
+        args.image, overrides, name=args.name, configuration=args.configuration,
+        accel=args.accel, markers=markers, wait=not args.no_wait, timeout=args.timeout,
+        seed=_seed(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..packages.ova import looks_like_ova
+
+    markers = tuple(args.marker) if args.marker else vmrun.DEFAULT_MARKERS
+    # an OVA is recognised by its first member (the .ovf); -f names any other format
+    if args.fmt == "ova" or (args.fmt is None and looks_like_ova(args.image)):
+        started = _run_appliance(args, markers)
+    else:
+        if args.disk_bus or args.configuration:
+            raise UsageError("--disk-bus and --configuration apply to an OVA appliance",
+                             hint="a disk image is attached as a virtio disk")
+        hw = _hardware(args)
+        seed = _seed(args)
+        if args.count != 1:
+            return _run_many(args, hw, markers, seed)
+        started = vmrun.start(args.image, hw, name=args.name, image_format=args.fmt,
+                              untrusted=args.untrusted, accel=args.accel, markers=markers,
+                              wait=not args.no_wait, timeout=args.timeout, seed=seed)
     info: dict[str, Any] = {"name": started.name, "accel": started.accel.name,
                             "accel_reason": started.accel.reason,
                             "qmp_ready_seconds": round(started.qmp_seconds, 3),
@@ -294,6 +367,61 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_kill(args: argparse.Namespace) -> int:
     killed = vmrun.kill(args.name)
     print(f"VM {args.name}: {'killed' if killed else 'was not running'}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    changed = vmconsole.pause(vmstate.vm(args.name))
+    print(f"VM {args.name}: {'paused' if changed else 'was already paused'}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    changed = vmconsole.resume(vmstate.vm(args.name))
+    print(f"VM {args.name}: {'resumed' if changed else 'was not paused'}")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout:g} is not a positive number of seconds")
+    st = vmstate.vm(args.name)
+    vmconsole.require_running(st)
+    try:
+        stdin_fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        raise UsageError("vm console needs a standard input to read from") from None
+    interactive = os.isatty(stdin_fd)
+    out = getattr(sys.stdout, "buffer", None)
+
+    def output(data: bytes) -> None:
+        if out is not None:
+            out.write(data)
+        else:
+            sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
+
+    def connected() -> None:
+        how = ("Ctrl-] detaches" if interactive else
+               f"stdin is sent to the guest; ends after {args.timeout:g} s, when the VM stops "
+               "or on Ctrl-C" if args.timeout else
+               "stdin is sent to the guest; ends when the VM stops or on Ctrl-C")
+        # a raw terminal needs CR LF to start a new line
+        end = "\r\n" if interactive else "\n"
+        print(f"connected to the serial console of VM {st.name} ({how})", end=end,
+              file=sys.stderr, flush=True)
+
+    try:
+        with (vmconsole.raw_terminal(stdin_fd) if interactive else contextlib.nullcontext()):
+            why = vmconsole.attach(st, stdin_fd, output, interactive=interactive,
+                                   timeout=args.timeout, on_connected=connected)
+    except KeyboardInterrupt:
+        print(f"\ndetached from VM {st.name}", file=sys.stderr)
+        return 130
+    ends = {"detached": f"detached from VM {st.name} (it keeps running)",
+            "stopped": f"the console of VM {st.name} closed (the VM stopped or moved)",
+            "timeout": f"detached from VM {st.name} after {args.timeout or 0:g} s"}
+    print(("\n" if interactive else "") + ends[why], file=sys.stderr)
     return 0
 
 
@@ -441,6 +569,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
+    from ..model.hardware import parse_memory
+
     target, actual = vmhost.set_memory(vmstate.vm(args.name), parse_memory(args.memory))
     if args.output == "json":
         print_json({"name": args.name, "memory_target": target, "memory_actual": actual})

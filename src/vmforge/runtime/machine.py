@@ -179,13 +179,14 @@ def _firmware_args(hw: VirtualHardware, state: VmState) -> list[str]:
 def build_command(qemu: str, hw: VirtualHardware, state: VmState, accel: Accel, *,
                   pinned: dict[int, PinnedBase] | None = None, sandbox: bool = True,
                   incoming: str | None = None, qmp_name: str = "qmp.sock",
-                  pid_name: str = "qemu.pid") -> list[str]:
+                  pid_name: str = "qemu.pid", console_name: str = "console.sock") -> list[str]:
     """The full QEMU command line for ``hw`` (pure: starts and opens nothing).
 
     ``incoming`` (a migration URI such as ``tcp:127.0.0.1:4444``) starts a migration
     destination: QEMU waits for the state of the running source instead of booting. It
-    runs beside the source in the same directory, so its QMP socket and pid file get
-    other names (``qmp_name``, ``pid_name``) until the source has gone.
+    runs beside the source in the same directory, so its QMP socket, pid file and console
+    socket get other names (``qmp_name``, ``pid_name``, ``console_name``) until the source
+    has gone.
     """
     hw.validate()
     d = state.dir.absolute()
@@ -201,8 +202,12 @@ def build_command(qemu: str, hw: VirtualHardware, state: VmState, accel: Accel, 
     # the balloon lets 'vmforge vm set --memory' take memory back from a running guest
     argv += ["-device", "virtio-balloon-pci,id=balloon0"]
     if hw.serial:
-        # append: a migration destination writes on after what the source wrote
-        argv += ["-chardev", f"file,id=serial0,path={d / 'serial.log'},append=on",
+        # a UNIX socket 'vmforge vm console' connects to (one client at a time: QEMU stops
+        # accepting while one is connected); QEMU copies all the port's output into the log
+        # whether or not a client is connected (checked on QEMU 7.2). logappend: a migration
+        # destination writes on after what the source wrote
+        argv += ["-chardev", f"socket,id=serial0,path={d / console_name},server=on,wait=off,"
+                             f"logfile={d / 'serial.log'},logappend=on",
                  "-serial", "chardev:serial0"]
     if hw.kernel:
         argv += ["-kernel", os.path.abspath(hw.kernel)]

@@ -8,11 +8,11 @@ time and the downtime (the final stop-and-copy pause; its default limit is 300 m
 The destination resumes the guest by itself (it was not started with ``-S``).
 
 While both run, they share the VM directory: the destination's QMP socket and pid file
-have their own names (``incoming-TOKEN.sock``, ``incoming-TOKEN.pid``). Once the source
-has quit they are renamed to the usual names, so every vmforge command reaches the
-destination. TOKEN is new for every migration because QEMU unlinks its socket and pid
-file by their original names when it exits: a reused name would make the next
-source's exit delete the next destination's files.
+have their own names (``incoming-TOKEN.sock``, ``incoming-TOKEN.pid``, console socket
+``incoming-TOKEN.con``). Once the source has quit they are renamed to the usual names,
+so every vmforge command reaches the destination. TOKEN is new for every migration
+because QEMU unlinks its socket and pid file by their original names when it exits: a
+reused name would make the next source's exit delete the next destination's files.
 If anything fails, the destination is killed and the source keeps running the guest.
 """
 
@@ -84,7 +84,7 @@ def _kill_destination(st: VmState, token: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_gone(st, pid, 10)
-    for path in (pid_path, pid_path.with_suffix(".sock")):
+    for path in (pid_path, pid_path.with_suffix(".sock"), pid_path.with_suffix(".con")):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -126,7 +126,8 @@ def migrate(st: VmState, uri: str, *, timeout: float = 300.0) -> Migrated:
     _port_free(host, port)
     token = secrets.token_hex(4)
     argv = launch_command(st, find_qemu(), accel, incoming=uri, qmp_name=f"incoming-{token}.sock",
-                          pid_name=f"incoming-{token}.pid")
+                          pid_name=f"incoming-{token}.pid",
+                          console_name=f"incoming-{token}.con")
     src_qmp = str(st.qmp_path.absolute())
     try:
         dst_pid = _start_destination(st, argv, token)
@@ -148,6 +149,8 @@ def migrate(st: VmState, uri: str, *, timeout: float = 300.0) -> Migrated:
     st.clean_runtime_files()
     os.replace(st.dir / f"incoming-{token}.sock", st.qmp_path)
     os.replace(st.dir / f"incoming-{token}.pid", st.pid_path)
+    with contextlib.suppress(FileNotFoundError):  # a VM without a serial port has none
+        os.replace(st.dir / f"incoming-{token}.con", st.console_path)
     record = {"uri": uri, "time": time.time(), "total_ms": info.get("total-time"),
               "downtime_ms": info.get("downtime"), "source_pid": src_pid,
               "destination_pid": dst_pid}

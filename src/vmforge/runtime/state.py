@@ -7,7 +7,9 @@
         spec.json                  what was asked (hardware, base image and format, accel)
         disk0.qcow2                the VM's overlay; the base image is only ever read
         qmp.sock                   QMP, a UNIX socket (never TCP)
-        serial.log                 the first serial port
+        console.sock               the first serial port, a UNIX socket ('vmforge vm console')
+        serial.log                 everything the first serial port printed (QEMU logs it
+                                   whether or not a console client is connected)
         qemu.pid                   written by QEMU (-pidfile)
 
 A VM is running when the pid in qemu.pid is alive and its command line names this
@@ -33,6 +35,9 @@ from .errors import VmExists, VmNotFound
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 #: sun_path is 108 bytes on Linux, including the terminating NUL
 MAX_SOCKET_PATH = 107
+#: the longest socket name a VM directory holds: a migration destination's QMP socket
+#: (runtime/migrate.py, ``incoming-TOKEN.sock`` with an 8-digit hex TOKEN)
+LONGEST_SOCKET_NAME = "incoming-00000000.sock"
 
 
 def state_root() -> Path:
@@ -70,6 +75,10 @@ class VmState:
     @property
     def qmp_path(self) -> Path:
         return self.dir / "qmp.sock"
+
+    @property
+    def console_path(self) -> Path:
+        return self.dir / "console.sock"
 
     @property
     def serial_path(self) -> Path:
@@ -119,7 +128,7 @@ class VmState:
 
     def clean_runtime_files(self) -> None:
         """Remove the socket and pid file a dead QEMU may have left behind."""
-        for path in (self.qmp_path, self.pid_path):
+        for path in (self.qmp_path, self.console_path, self.pid_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -141,14 +150,48 @@ def process_is_vm(pid: int, directory: Path) -> bool:
     return marker in cmdline
 
 
+def vm_processes(directory: Path) -> list[int]:
+    """Every live process whose command line names a path under ``directory``."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and process_is_vm(int(e), directory)]
+
+
+#: PF_KTHREAD in /proc/PID/stat's flags (include/linux/sched.h): a kernel thread, whose
+#: command line is empty too
+_PF_KTHREAD = 0x00200000
+
+
+def exiting(pid: int) -> bool:
+    """True while ``pid`` is on its way out but still holds its files.
+
+    A killed QEMU runs several threads: its leader turns zombie (or loses its memory,
+    leaving an empty command line) while the other threads still tear down, and until the
+    last of them has gone QEMU's sockets (a host port forward keeps accepting), pid file
+    lock and image locks are held. Found when a forward still answered after 'vm rm'.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return len(threads) > 1  # a zombie leader whose other threads are still exiting
+    # fields[6] is the stat "flags" field (field 9 of proc(5))
+    return cmdline == b"" and not int(fields[6]) & _PF_KTHREAD
+
+
 def wait_gone(state: VmState, pid: int, timeout: float) -> bool:
-    """Wait until ``pid`` is no longer this VM's QEMU; True if it went."""
+    """Wait until ``pid`` is no longer this VM's QEMU and has released its files (sockets,
+    locks: see ``exiting``); True if it went."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not process_is_vm(pid, state.dir):
+        if not process_is_vm(pid, state.dir) and not exiting(pid):
             return True
         time.sleep(0.05)
-    return not process_is_vm(pid, state.dir)
+    return not process_is_vm(pid, state.dir) and not exiting(pid)
 
 
 def vm(name: str, root: Path | None = None) -> VmState:
@@ -166,7 +209,7 @@ def create(name: str, root: Path | None = None) -> VmState:
     root = root or state_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     state = VmState(root / name)
-    sock = os.fspath(state.qmp_path.absolute())
+    sock = os.fspath((state.dir / LONGEST_SOCKET_NAME).absolute())
     if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
         raise UsageError(f"the VM state path is too long for a UNIX socket ({sock})",
                          hint="set VMFORGE_STATE_DIR to a shorter directory")

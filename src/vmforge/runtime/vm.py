@@ -9,19 +9,21 @@ explicitly not to open one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageNotFound, UsageError
+from ..errors import ImageNotFound, UnsupportedFeature, UsageError
 from ..model.hardware import Bus, Disk, VirtualHardware
 from ..ops.clone import linked_clone
-from ..ops.image import open_image
+from ..ops.image import Image, open_image
 from . import state as vmstate
 from .accel import Accel, choose_accel
 from .cloudinit import Seed, write_seed
+from .console import run_state
 from .errors import GuestTimeout, MachineError
 from .host import capacity_lock, check_capacity
 from .machine import Machine, PinnedBase, build_command, find_qemu, sandbox_supported
@@ -66,6 +68,7 @@ def start(image: str, hw: VirtualHardware, *, name: str | None = None,
     hw.validate()
     with open_image(image, image_format, untrusted=untrusted) as img:
         base_format = img.format
+        _refuse_data_files(img)
     chosen = choose_accel(qemu, accel, cache_dir=root)
     name = vmstate.check_name(name) if name else vmstate.unique_name(Path(image).stem, root)
     st = vmstate.create(name, root)
@@ -105,6 +108,21 @@ def boot(name: str, *, accel: str | None = None, wait: bool = True, timeout: flo
     return _boot(st, qemu, chosen, wait=wait, timeout=timeout, remove_on_failure=False)
 
 
+def _refuse_data_files(img: Image) -> None:
+    # the image was opened without allow_data_file, which only keeps vmforge from reading
+    # the data file; QEMU would open it on its own (SECURITY.md #2: local mode follows an
+    # external data file only when asked explicitly, and 'run' has no way to ask)
+    for info in img.chain_info():
+        specific = info.format_specific.get("data")
+        name = specific.get("data-file") if isinstance(specific, dict) else None
+        if name:
+            raise UnsupportedFeature(
+                "external data file", path=info.filename,
+                detail=f"names '{name}'; a VM is not started on one",
+                hint="convert it into a self-contained image first "
+                     "('vmforge convert --allow-data-file')")
+
+
 def _check_boot_files(hw: VirtualHardware) -> None:
     for what, path in (("kernel", hw.kernel), ("initrd", hw.initrd)):
         if path is not None and not os.path.isfile(path):
@@ -114,7 +132,7 @@ def _check_boot_files(hw: VirtualHardware) -> None:
 
 def launch_command(st: vmstate.VmState, qemu: str, chosen: Accel, *,
                    incoming: str | None = None, qmp_name: str = "qmp.sock",
-                   pid_name: str = "qemu.pid") -> list[str]:
+                   pid_name: str = "qemu.pid", console_name: str = "console.sock") -> list[str]:
     """The QEMU command line for the VM in ``st`` as its spec describes it."""
     spec = st.read_spec()
     hw = VirtualHardware.from_dict(spec["hardware"])
@@ -122,7 +140,8 @@ def launch_command(st: vmstate.VmState, qemu: str, chosen: Accel, *,
     pinned = ({0: PinnedBase(str(base), str(spec["base_format"]))}
               if spec.get("untrusted") and base else {})
     return build_command(qemu, hw, st, chosen, pinned=pinned, sandbox=sandbox_supported(qemu),
-                         incoming=incoming, qmp_name=qmp_name, pid_name=pid_name)
+                         incoming=incoming, qmp_name=qmp_name, pid_name=pid_name,
+                         console_name=console_name)
 
 
 def _boot(st: vmstate.VmState, qemu: str, chosen: Accel, *, wait: bool, timeout: float,
@@ -169,8 +188,17 @@ def describe_vm(st: vmstate.VmState) -> dict[str, Any]:
     hw = spec.get("hardware", {})
     disks = [{"path": d["path"], "format": d["format"],
               "bytes_on_disk": _used(d["path"])} for d in hw.get("disks", [])]
+    status = "running" if pid else "stopped"
+    qemu_status = None
+    if pid:
+        # QEMU's own run state: 'paused' after 'vmforge vm pause' (or while a migration or
+        # snapshot holds the guest); a QMP socket busy with another client is not an error
+        with contextlib.suppress(MachineError):
+            qemu_status = run_state(st)
+        if qemu_status == "paused":
+            status = "paused"
     return {
-        "name": st.name, "status": "running" if pid else "stopped", "pid": pid,
+        "name": st.name, "status": status, "qemu_status": qemu_status, "pid": pid,
         "base": spec.get("base"), "base_format": spec.get("base_format"),
         "untrusted": spec.get("untrusted", False), "accel": spec.get("accel"),
         "accel_reason": spec.get("accel_reason"), "cpus": hw.get("cpus"),
