@@ -48,14 +48,23 @@ def spans_seen(monkeypatch):
     return seen
 
 
+#: outputs whose zero-detection blocks are large enough for the first-word probe
+#: (qcow2 clusters, VMDK grains, VDI blocks); the others are scanned through buffers
+SPAN_WRITERS = {"qcow2", "vmdk", "vdi"}
+
+
 @pytest.mark.parametrize("fmt", WRITABLE)
 def test_verbatim_source_bytes_are_copied_in_the_kernel(fmt, pattern_file, tmp_path, spans_seen):
     src = pattern_file("mixed", size=24 * MiB)
     out = tmp_path / f"out.{fmt}"
     stats = vmforge.convert(str(src), str(out), fmt)
     _compare(src, out, fmt)
-    # every data byte of a raw source lies verbatim in its file: all of it went by span
-    assert spans_seen["bytes"] == stats.written_bytes > 0
+    assert stats.written_bytes > 0
+    if fmt in SPAN_WRITERS:
+        # every data byte of a raw source lies verbatim in its file: all went by span
+        assert spans_seen["bytes"] == stats.written_bytes
+    else:
+        assert spans_seen["spans"] == 0
 
 
 def test_chained_sources_copy_each_layers_bytes_verbatim(pattern_file, tmp_path, spans_seen):

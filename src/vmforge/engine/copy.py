@@ -6,9 +6,13 @@
    unallocated ranges are never read.
 2. Worker threads read DATA ranges in chunks, find zero blocks with numpy (never a
    per-byte loop) and, when compressing, compress each cluster. pread, numpy and the
-   codecs release the GIL, so the threads really overlap.
-3. The calling thread hands results to the writer in guest order and tells it when
-   everything before a point is final (``flush_before``), which keeps memory flat.
+   codecs release the GIL, so the threads really overlap. A range stored verbatim in
+   one source file, going to a writer that takes file spans in blocks of 16 KiB or
+   more, is not read at all: each block's first word decides data or zero, and the
+   data moves with copy_file_range (util.fileio.FileSpan).
+3. The calling thread hands results to the writer in guest order (or, with -W, as
+   they finish) and tells it when everything before a point is final
+   (``flush_before``), which keeps memory flat.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 from ..model import Extent, ExtentKind
 from ..util.fileio import FileSpan
 from .chain import Chain
-from .stream import ExtentStream, HostFileLike
+from .stream import ExtentStream
 
 CHUNK = 4 << 20  # bytes read per task: large enough to amortise, small enough to stay flat
 #: from this block size on, verbatim source blocks are told apart from zero blocks by
@@ -313,49 +317,6 @@ def _runs_from_flags(nonzero: np.ndarray[Any, Any], length: int, g: int,
     return runs
 
 
-class _SourceMaps:
-    """Read-only mappings of the source files whose bytes the copy takes verbatim.
-
-    Zero detection reads the page cache through the mapping (no copy into Python), and
-    the data then moves to the output with copy_file_range. Pages are unmapped again
-    once scanned, so the resident set stays flat whatever the image size; the page
-    cache keeps them for the kernel copy. A source file truncated by another process
-    during the copy would fault (SIGBUS): the same race corrupts any reader's output,
-    and vmforge never truncates its own inputs.
-    """
-
-    def __init__(self) -> None:
-        import threading
-
-        self.lock = threading.Lock()
-        self.maps: dict[int, tuple[HostFileLike, mmap.mmap]] = {}
-
-    def view(self, host: HostFileLike, offset: int, length: int) -> memoryview:
-        key = id(host)
-        entry = self.maps.get(key)
-        if entry is None:
-            with self.lock:
-                entry = self.maps.get(key)
-                if entry is None:
-                    entry = (host, mmap.mmap(host.fd, host.size, prot=mmap.PROT_READ))
-                    self.maps[key] = entry
-        return memoryview(entry[1])[offset:offset + length]
-
-    def release(self, host: HostFileLike, offset: int, length: int) -> None:
-        """Drop our page-table entries for a scanned range (the page cache keeps it)."""
-        m = self.maps[id(host)][1]
-        start = offset - offset % mmap.PAGESIZE
-        end = min(len(m), offset + length)
-        with contextlib.suppress(OSError, ValueError):
-            m.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-    def close(self) -> None:
-        for _, m in self.maps.values():
-            with contextlib.suppress(BufferError):
-                m.close()
-        self.maps.clear()
-
-
 def copy(
     source: Source,
     writer: Any,
@@ -389,11 +350,14 @@ def copy(
     local = _ThreadReaders(source)
     pool_buffers = _BufferPool(-(-CHUNK // g) * g)
     # Bytes stored verbatim in a source file skip Python entirely when the writer takes
-    # file spans (copy_file_range), and are compressed straight from the page cache.
-    verbatim_ok = bool(getattr(writer, "accepts_spans", False)) or compress_unit is not None
-    maps = _SourceMaps()
+    # file spans (copy_file_range) and blocks are large enough to be told apart from
+    # zero blocks by probing their first word. Everything else (compression, small
+    # blocks such as a raw output's sectors, streams) reads through pooled buffers:
+    # measured, a mapping's page faults cost more than the read they save there.
+    verbatim_ok = (bool(getattr(writer, "accepts_spans", False)) and compress_unit is None
+                   and (g >= PROBE_BLOCK or not sparse))
 
-    def compress_runs(chunk: _Chunk, data: mmap.mmap | memoryview) -> None:
+    def compress_runs(chunk: _Chunk, data: mmap.mmap) -> None:
         assert compress_unit is not None
         out: list[tuple[int, bytes | None]] = []
         for r_off, r_len, is_zero in chunk.runs:
@@ -408,7 +372,7 @@ def copy(
                 out.append((u, packed if always or len(packed) < g else None))
         chunk.compressed = out
 
-    def scan(chunk: _Chunk, data: mmap.mmap | memoryview) -> None:
+    def scan(chunk: _Chunk, data: mmap.mmap) -> None:
         if sparse:
             runs = _zero_runs(data, chunk.length, g, chunk.offset)
             chunk.runs = _absorb_short_zero_runs(runs, sparse_size)
@@ -425,12 +389,9 @@ def copy(
         if located is not None:
             host, host_offset = located
             chunk.span = (host.fd, host_offset)
-            if sparse and compress_unit is None and g >= PROBE_BLOCK:
+            if sparse:
                 runs = _probe_zero_runs(host.fd, host_offset, length, g, offset)
                 chunk.runs = _absorb_short_zero_runs(runs, sparse_size)
-                return chunk
-            scan(chunk, maps.view(host, host_offset, length))
-            maps.release(host, host_offset, length)
             return chunk
         padded = -(-length // g) * g
         buf = pool_buffers.take(padded)
@@ -506,7 +467,6 @@ def copy(
             raise
         finally:
             pool.shutdown(wait=True)
-            maps.close()
     if progress is not None:
         progress(total, total)
     return stats
@@ -518,10 +478,8 @@ def _store(writer: Any, chunk: _Chunk, explicit_zeroes: bool, stats: CopyStats, 
     if chunk.span is None:
         assert chunk.data is not None
         view = memoryview(chunk.data)
-    elif getattr(writer, "accepts_spans", False):
+    else:  # still in the source file: the writer hands it to pwrite_all, a kernel copy
         view = FileSpan(chunk.span[0], chunk.span[1], chunk.length)
-    else:  # compressed from the page cache; the few units that did not shrink, read back
-        view = memoryview(FileSpan(chunk.span[0], chunk.span[1], chunk.length).tobytes())
     if chunk.compressed is not None:
         for unit_off, packed in chunk.compressed:
             if packed is not None:

@@ -166,7 +166,10 @@ def _wait_migration(src_qmp: str, timeout: float) -> dict[str, Any]:
     while True:
         info: dict[str, Any] = qmp(src_qmp, "query-migrate")
         status = info.get("status")
-        if status == "completed":
+        # A QEMU that itself arrived by migration reports its incoming side as
+        # "completed" (qmp_query_migrate fills the destination state last), so only a
+        # completion with the outgoing side's total-time is this migration's end.
+        if status == "completed" and "total-time" in info:
             return info
         if status in ("failed", "cancelled"):
             raise MachineError(f"the migration {status}: {info.get('error-desc', 'no reason given')}")
