@@ -26,9 +26,12 @@ def test_interrupted_convert_leaves_no_output(tmp_path, sig):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # wait until the temporary output exists, then interrupt
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(out_dir.iterdir()):
+    while time.monotonic() < deadline and not any(out_dir.iterdir()) and proc.poll() is None:
         time.sleep(0.01)
-    assert any(out_dir.iterdir()), "convert never started writing"
+    if not any(out_dir.iterdir()):
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"convert never started writing (exit {proc.returncode}): {err[-2000:]}")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
