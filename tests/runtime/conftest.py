@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import socket
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,14 @@ def vm_root(_vm_root: Path, monkeypatch: pytest.MonkeyPatch):
     for pid in leftovers:  # clean up before failing, so one bug does not leak into others
         os.kill(pid, signal.SIGKILL)
     assert not leftovers, f"QEMU processes left running: {leftovers}"
+
+
+def wait_serial(path: Path, done: Iterable[str], timeout: float) -> str:
+    """The serial log once every entry of ``done`` is in it (or the time is up)."""
+    wanted = tuple(done)
+    deadline = time.monotonic() + timeout
+    while True:
+        log = path.read_text(errors="replace") if path.exists() else ""
+        if all(d in log for d in wanted) or time.monotonic() > deadline:
+            return log
+        time.sleep(0.3)

@@ -18,7 +18,6 @@ import shutil
 import socket
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -26,22 +25,12 @@ from tests.helpers import vmforge_json, vmforge_ok
 from vmforge.runtime.machine import Machine
 from vmforge.runtime.state import VmState
 
-from .conftest import free_port, qemu_processes
+from .conftest import free_port, qemu_processes, wait_serial
 
 #: QEMU's user-mode network (slirp) defaults: the guest address its host forwards connect
 #: to, and the gateway
 SLIRP_GUEST = "10.0.2.15/24"
 SLIRP_GATEWAY = "10.0.2.2"
-
-
-def wait_serial(path: Path, done: tuple[str, ...], timeout: float) -> str:
-    """The serial log once every entry of ``done`` is in it (or the time is up)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = path.read_text(errors="replace") if path.exists() else ""
-        if all(d in log for d in done) or time.monotonic() > deadline:
-            return log
-        time.sleep(0.3)
 
 
 def fetch(url: str, timeout: float) -> str:

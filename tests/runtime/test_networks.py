@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import time
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +13,7 @@ from vmforge.runtime.accel import Accel
 from vmforge.runtime.machine import build_command, segment_group
 from vmforge.runtime.state import VmState
 
-from .conftest import qemu_processes
+from .conftest import qemu_processes, wait_serial
 
 TCG = Accel("tcg", "test")
 
@@ -64,15 +62,6 @@ def test_occupied_forward_port_is_refused(guest, vm_root, tmp_path):
     assert not (vm_root / "fw").exists() and not qemu_processes(vm_root)
 
 
-def _wait_for(path: Path, texts: list[str], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = path.read_text(errors="replace") if path.exists() else ""
-        if all(t in log for t in texts) or time.monotonic() > deadline:
-            return log
-        time.sleep(0.3)
-
-
 @pytest.mark.vm
 def test_vms_on_one_segment_reach_each_other_and_not_another(guest, vm_root, tmp_path):
     base = tmp_path / "base.raw"
@@ -90,7 +79,7 @@ def test_vms_on_one_segment_reach_each_other_and_not_another(guest, vm_root, tmp
     try:
         for name, (_, _, targets) in vms.items():
             want = [f"VMFORGE-PING {t} " for t in targets]
-            log = _wait_for(vm_root / name / "serial.log", want, 90)
+            log = wait_serial(vm_root / name / "serial.log", want, 90)
             verdict = "fail" if name == "b1" else "ok"
             for t in targets:
                 assert f"VMFORGE-PING {t} {verdict}" in log, (name, log)

@@ -35,7 +35,7 @@ from .stream import ExtentStream
 
 CHUNK = 4 << 20  # bytes read per task: large enough to amortise, small enough to stay flat
 #: from this block size on, verbatim source blocks are told apart from zero blocks by
-#: probing their first word with pread; smaller blocks are scanned through a mapping
+#: probing their first word with pread; smaller blocks are read into buffers and scanned
 PROBE_BLOCK = 16 << 10
 DATA, ZERO, SKIP = "data", "zero", "skip"
 
@@ -267,10 +267,9 @@ def _zero_runs(buf: mmap.mmap | memoryview, length: int, g: int,
     nonzero: np.ndarray[Any, Any] = np.zeros(0, dtype=bool)
     if full:
         arr = np.frombuffer(buf, dtype=np.uint64, count=full * g // 8).reshape(full, g // 8)
-        # A block whose first word is not zero is data: decided without reading the rest
-        # (nor, through a source mapping, faulting in its other pages). Only blocks that
-        # start with zeros are scanned whole; max() stays in integers, where any() would
-        # first cast every word to bool (twice as slow).
+        # A block whose first word is not zero is data, decided without scanning the
+        # rest; only blocks that start with zeros are scanned whole. max() stays in
+        # integers, where any() would first cast every word to bool (twice as slow).
         nonzero = arr[:, 0] != 0
         starts_zero = np.flatnonzero(~nonzero)
         if starts_zero.size:
