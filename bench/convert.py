@@ -24,7 +24,7 @@ Sources are generated deterministically and cached (``bench/.cache`` or
 ``$VMFORGE_BENCH_DIR``). To benchmark a new output format, add a ``Case`` in
 ``make_cases``.
 
-    .venv/bin/python bench/convert.py                       # everything, 3 reps
+    .venv/bin/python bench/convert.py                       # everything, 5 reps
     .venv/bin/python bench/convert.py --quick               # a subset at 256 MiB, 1 rep
     .venv/bin/python bench/convert.py --cases raw-qcow2 --reps 5 -m 4
     .venv/bin/python bench/convert.py --scaling 1,2,4,8 --cases raw-qcow2-zlib
@@ -353,7 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sparse-data", type=parse_size, default=100 * MiB,
                     help="data in the 1 TiB / 16 GiB sparse sources (default 100M; whole MiB)")
     ap.add_argument("--reps", type=int, default=None,
-                    help="runs per tool per case (default 3, --quick 1)")
+                    help="runs per tool per case (default 5, --quick 1)")
     ap.add_argument("--budget", type=float, default=60,
                     help="seconds: no further run of a tool on a case once it would take the "
                          "tool's total for the case past this (default 60; at least one run)")
@@ -380,7 +380,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.size is None:
         args.size = 256 * MiB if args.quick else 2 * GiB
     if args.reps is None:
-        args.reps = 1 if args.quick else 3
+        args.reps = 1 if args.quick else 5
     if args.scaling is None:
         args.scaling = "1,2"
     try:
