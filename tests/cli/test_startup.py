@@ -35,6 +35,9 @@ VERSION_ALLOWED = re.compile(r"""^vmforge(
       | \.cli(\.\w+)? | \.errors | \.ops | \.model | \.model\.sizes | \.util | \.util\.lazy
 )$""", re.X)
 
+#: a module inside a format package (structs, reader, writer...), not the package itself
+FORMAT_MODULE = re.compile(r"^vmforge\.formats\.\w+\.\w+")
+
 #: a writer, an in-place editor or the copy engine: ``info`` reads, it never writes
 WRITING = re.compile(r"^vmforge\.(engine\.copy|ops\.(convert|create|edit|output)"
                      r"|formats\.\w+\.(writer|stream_writer|inplace|sparse_edit|update|amend"
@@ -201,6 +204,10 @@ def test_reading_commands_load_a_reader_and_no_writer(tmp_path: Path, fmt: str):
     assert checked["code"] in (0, 63), checked  # 63: a format without checks, as qemu-img
     package = "vhd" if fmt == "vpc" else fmt
     assert f"vmforge.formats.{package}.reader" in human["new"], human["new"]
+    # probing reads the other formats' magics from their packages, never their modules
+    others = [o for o in offenders(result, FORMAT_MODULE, steps=1)
+              if not o.split(": ", 1)[1].startswith(f"vmforge.formats.{package}.")]
+    assert not others, f"info on {fmt} loaded other formats' code:\n" + "\n".join(others)
     writing = offenders(result, WRITING)
     assert not writing, f"reading {fmt} imported writing code:\n" + "\n".join(writing)
     heavy = [o for o in offenders(result, HEAVY, steps=2) if INFO_FORMATS[fmt] is False
@@ -251,3 +258,115 @@ def test_lazy_facades_keep_every_public_name():
     assert out["names"]["vmforge.ops.convert"] == "function"
     assert out["names"]["vmforge.formats.qcow2.Qcow2Reader"] == "ABCMeta"
     assert len(out["names"]) > 40 and out["dir"] and out["ops_convert"], out
+
+
+def _subcommands(parser: Any) -> dict[str, Any]:
+    import argparse
+
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def test_one_command_parser_is_the_full_parsers_command():
+    """A command line builds only its command's parser (cli.main.COMMANDS says which
+    module registers it): the same help at every level, the same parse, the same errors."""
+    from vmforge.cli import main as cli
+    from vmforge.errors import UsageError
+
+    full = _subcommands(cli.build_parser())
+    assert list(full) == list(cli.COMMANDS), "COMMANDS must list every command, in order"
+    for name, module in cli.COMMANDS.items():
+        one = _subcommands(cli.build_parser(name))
+        assert list(one) == [name]
+        pending = [(one[name], full[name], name)]
+        while pending:  # the command, then its nested actions (vm list ...)
+            mine, theirs, path = pending.pop()
+            assert mine.format_help() == theirs.format_help(), path
+            func = mine.get_default("func")
+            if func is not None:
+                assert func.__module__ == f"vmforge.cli.{module}", path
+            nested = [a for a in mine._actions if a.choices and hasattr(a, "add_parser")]
+            if nested:
+                theirs_nested = _subcommands(theirs)
+                assert list(nested[0].choices) == list(theirs_nested), path
+                pending += [(p, theirs_nested[n], f"{path} {n}")
+                            for n, p in nested[0].choices.items()]
+
+    def outcome(argv: list[str], parser: Any) -> Any:
+        try:
+            return vars(parser.parse_args(argv))
+        except UsageError as err:
+            return str(err), err.hint
+
+    for argv in (["convert", "-p", "-O", "qcow2", "-o", "cluster_size=4k", "a.raw", "b.qcow2"],
+                 ["--debug", "info", "--output=json", "--backing-chain", "x.qcow2"],
+                 ["vm", "stop", "--timeout", "3", "web"], ["clone", "--linked", "a", "b"],
+                 ["export", "d.raw", "--target", "aws", "-o", "d.vmdk"],
+                 ["convert"], ["info", "--bogus", "x"], ["vm"], ["check", "-r", "some", "x"],
+                 ["clone", "a", "b"], ["validate", "--target", "nowhere", "x"]):
+        assert cli.command_of(argv) == next(a for a in argv if a != "--debug")
+        assert outcome(argv, cli.build_parser(cli.command_of(argv))) == \
+            outcome(argv, cli.build_parser()), argv
+    for argv in (["--help"], ["-h", "info"], [], ["--version"], ["bogus"], ["--deb", "info"]):
+        assert cli.command_of(argv) is None, argv  # these need every command's parser
+
+
+def test_help_and_errors_still_name_every_command():
+    result = probe([("help", "main", ["--help"]), ("none", "main", []),
+                    ("unknown", "main", ["infos", "x"]),
+                    ("command help", "main", ["convert", "--help"])])
+    top, none, unknown, convert = result["steps"]
+    assert top["code"] == 0 and none["code"] == 2 and unknown["code"] == 2
+    from vmforge.cli.main import COMMANDS
+
+    listed = [line.split()[0] for line in top["stdout"].split("COMMAND\n", 1)[1].splitlines()
+              if line.startswith("    ") and not line.startswith("     ")]
+    assert listed == list(COMMANDS), top["stdout"]
+    assert "required: COMMAND" in none["stderr"], none
+    assert "invalid choice: 'infos'" in unknown["stderr"] and "'validate'" in unknown["stderr"]
+    assert convert["code"] == 0 and "usage: vmforge convert" in convert["stdout"]
+    assert "-O OUT_FMT" in convert["stdout"] and "examples:" in convert["stdout"], convert
+
+
+def test_convert_loads_its_command_and_its_formats_only(tmp_path: Path):
+    """raw -> raw loads no numpy and no format's modules (raw is one module); raw ->
+    qcow2 adds qcow2's, and never another format's or another command's module."""
+    from tests.data.generators import write_pattern
+    from vmforge.cli.main import COMMANDS
+
+    src = tmp_path / "src.raw"
+    write_pattern(src, "mixed", 2 << 20)
+    result = probe([("-O raw", "main", ["convert", "-O", "raw", str(src), str(tmp_path / "o.raw")]),
+                    ("-O qcow2", "main", ["convert", "-O", "qcow2", str(src),
+                                          str(tmp_path / "o.qcow2")])])
+    to_raw, to_qcow2 = result["steps"]
+    assert to_raw["code"] == 0 and to_qcow2["code"] == 0, result["steps"]
+    for fmt in ("raw", "qcow2"):  # the oracle: what was converted is the source
+        qemu_img("compare", "-q", "-f", "raw", "-F", fmt, src, tmp_path / f"o.{fmt}")
+    loaded = set(result["start"])
+    others = {f"vmforge.cli.{m}" for m in COMMANDS.values()} - {"vmforge.cli.images"}
+    assert not others & loaded, sorted(others & loaded)
+    assert not offenders(result, FORMAT_MODULE, steps=1), offenders(result, FORMAT_MODULE, steps=1)
+    assert not [m for m in to_raw["new"] if m.split(".")[0] == "numpy"], \
+        [chain(result["parent"], m) for m in to_raw["new"] if m == "numpy"]
+    packages = {m.split(".")[2] for m in loaded if FORMAT_MODULE.match(m)}
+    assert packages == {"qcow2"}, offenders(result, FORMAT_MODULE)
+    assert "vmforge.formats.qcow2.writer" in to_qcow2["new"]
+
+
+def test_probe_magics_kept_in_the_packages_match_the_structs():
+    """The magics that format packages keep for probing equal their structs' own."""
+    from vmforge.formats import parallels, qcow2, vdi, vhd, vhdx, vmdk
+    from vmforge.formats.parallels import structs as parallels_s
+    from vmforge.formats.qcow2 import structs as qcow2_s
+    from vmforge.formats.vdi import structs as vdi_s
+    from vmforge.formats.vhd import structs as vhd_s
+    from vmforge.formats.vhdx import structs as vhdx_s
+    from vmforge.formats.vmdk import structs as vmdk_s
+
+    assert qcow2.MAGIC == qcow2_s.MAGIC
+    assert (vdi.SIGNATURE, vdi.SIGNATURE_OFFSET) == (vdi_s.SIGNATURE, vdi_s.SIGNATURE_OFFSET)
+    assert vhd.COOKIE == vhd_s.COOKIE
+    assert vhdx.FILE_SIGNATURE == vhdx_s.FILE_SIGNATURE
+    assert vmdk.SPARSE_MAGICS == (vmdk_s.SPARSE_MAGIC, vmdk_s.COWD_MAGIC)
+    assert vmdk_s.SESPARSE_MAGIC.to_bytes(8, "little").startswith(vmdk.SESPARSE_PREFIX)
+    assert parallels.MAGICS == (parallels_s.MAGIC_V1, parallels_s.MAGIC_V2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn
@@ -58,6 +57,36 @@ class LazyChoices:
         return iter(self._get())
 
 
+class OnlyCommand:
+    """A stand-in for the subcommands action that keeps one command: ``register()``
+    builds that command's parser as usual, and the others' parsers are :class:`Unused`
+    (so a command line pays for its own options only)."""
+
+    def __init__(self, sub: Sub, name: str) -> None:
+        self._sub = sub
+        self._name = name
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if name == self._name:
+            return self._sub.add_parser(name, **kwargs)
+        return Unused()
+
+
+class Unused:
+    """The parser of a command not being run: takes every call and attribute that
+    ``register()`` gives a parser (arguments, groups, nested subcommands) and keeps
+    nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self._take
+
+    def __setattr__(self, name: str, value: object) -> None:
+        pass
+
+    def _take(self, *args: object, **kwargs: object) -> Unused:
+        return self
+
+
 def command(sub: Sub, name: str, help_text: str, examples: str,
             late_epilog: Callable[[], str] | None = None) -> argparse.ArgumentParser:
     """A subcommand whose help ends with its examples, laid out as written (then with
@@ -65,7 +94,7 @@ def command(sub: Sub, name: str, help_text: str, examples: str,
     parser = sub.add_parser(
         name, help=help_text, description=help_text, epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    if late_epilog is not None:
+    if late_epilog is not None and not isinstance(parser, Unused):
         assert isinstance(parser, Parser), "subcommands are made by cli.common.Parser"
         parser.late_epilog = late_epilog
     return parser  # type: ignore[no-any-return]
@@ -115,6 +144,8 @@ def size_arg(text: str) -> int:
 
 
 def print_json(data: Any) -> None:
+    import json  # ~3 ms, for the few commands that print JSON
+
     print(json.dumps(data, indent=4))
 
 

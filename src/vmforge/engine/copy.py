@@ -4,12 +4,13 @@
    the writer's granularity, each DATA (read it), ZERO (write zeros explicitly, only
    when the output has a backing file that could show through) or SKIP. Holes and
    unallocated ranges are never read.
-2. Worker threads read DATA ranges in chunks, find zero blocks with numpy (never a
-   per-byte loop) and, when compressing, compress each cluster. pread, numpy and the
-   codecs release the GIL, so the threads really overlap. A range stored verbatim in
-   one source file, going to a writer that takes file spans in blocks of 16 KiB or
-   more, is not read at all: each block's first word decides data or zero, and the
-   data moves with copy_file_range (util.fileio.FileSpan).
+2. Worker threads read DATA ranges in chunks, find zero blocks with C-speed bytes
+   operations (a few calls per run, never a per-byte loop; see zeroscan.py) and,
+   when compressing, compress each cluster. pread and the codecs release the GIL, so
+   the threads really overlap. A range stored verbatim in one source file, going to a
+   writer that takes file spans in blocks of 16 KiB or more, is not read at all: each
+   block's first word decides data or zero, and the data moves with copy_file_range
+   (util.fileio.FileSpan).
 3. The calling thread hands results to the writer in guest order (or, with -W, as
    they finish) and tells it when everything before a point is final
    (``flush_before``), which keeps memory flat.
@@ -26,12 +27,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-import numpy as np
-
 from ..model import Extent, ExtentKind
 from ..util.fileio import FileSpan
 from .chain import Chain
 from .stream import ExtentStream
+from .zeroscan import probe_zero_runs, zero_runs
 
 CHUNK = 4 << 20  # bytes read per task: large enough to amortise, small enough to stay flat
 #: from this block size on, verbatim source blocks are told apart from zero blocks by
@@ -259,63 +259,6 @@ def _new_buffer(size: int) -> mmap.mmap:
     return buf
 
 
-def _zero_runs(buf: mmap.mmap | memoryview, length: int, g: int,
-               base: int) -> list[tuple[int, int, bool]]:
-    """Split ``buf[:length]`` into runs of g-blocks that are all zero or not (the last
-    block may be short)."""
-    full, tail = divmod(length, g)
-    nonzero: np.ndarray[Any, Any] = np.zeros(0, dtype=bool)
-    if full:
-        arr = np.frombuffer(buf, dtype=np.uint64, count=full * g // 8).reshape(full, g // 8)
-        # A block whose first word is not zero is data, decided without scanning the
-        # rest; only blocks that start with zeros are scanned whole. max() stays in
-        # integers, where any() would first cast every word to bool (twice as slow).
-        nonzero = arr[:, 0] != 0
-        starts_zero = np.flatnonzero(~nonzero)
-        if starts_zero.size:
-            nonzero[starts_zero] = np.asarray(arr[starts_zero].max(axis=1)) != 0
-    if tail:
-        last = np.frombuffer(buf, dtype=np.uint8, count=tail, offset=full * g)
-        nonzero = np.append(nonzero, bool(last.any()))
-    return _runs_from_flags(nonzero, length, g, base)
-
-
-def _probe_zero_runs(fd: int, host_offset: int, length: int, g: int,
-                     base: int) -> list[tuple[int, int, bool]]:
-    """``_zero_runs`` of file bytes, reading only what decides each block.
-
-    A block whose first word is not zero is data (one 8-byte pread); only blocks that
-    start with zeros are read whole. For large blocks this reads a tiny part of the data,
-    and nothing of it passes through Python's memory or a mapping's page faults.
-    """
-    blocks = -(-length // g)
-    firsts = b"".join(os.pread(fd, 8, host_offset + i * g).ljust(8, b"\0")
-                      for i in range(blocks))
-    nonzero = np.frombuffer(firsts, dtype=np.uint64) != 0
-    zeros = bytes(g)
-    for i in np.flatnonzero(~nonzero).tolist():
-        n = min(g, length - i * g)
-        block = os.pread(fd, n, host_offset + i * g)
-        # a comparison is a memcmp (~2 us per 64 KiB); bytes.strip/count scan ~30x slower
-        nonzero[i] = block != (zeros if n == g else bytes(n))
-    return _runs_from_flags(nonzero, length, g, base)
-
-
-def _runs_from_flags(nonzero: np.ndarray[Any, Any], length: int, g: int,
-                     base: int) -> list[tuple[int, int, bool]]:
-    """Runs ``(offset, length, is_zero)`` from one data/zero flag per g-block."""
-    blocks = len(nonzero)
-    edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
-    bounds = [0, *edges.tolist(), blocks]
-    runs = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        start = a * g
-        end = min(b * g, length)
-        if start < end:
-            runs.append((base + start, end - start, not bool(nonzero[a])))
-    return runs
-
-
 def copy(
     source: Source,
     writer: Any,
@@ -373,7 +316,7 @@ def copy(
 
     def scan(chunk: _Chunk, data: mmap.mmap) -> None:
         if sparse:
-            runs = _zero_runs(data, chunk.length, g, chunk.offset)
+            runs = zero_runs(data, chunk.length, g, chunk.offset)
             chunk.runs = _absorb_short_zero_runs(runs, sparse_size)
         if compress_unit is not None:
             compress_runs(chunk, data)
@@ -389,7 +332,7 @@ def copy(
             host, host_offset = located
             chunk.span = (host.fd, host_offset)
             if sparse:
-                runs = _probe_zero_runs(host.fd, host_offset, length, g, offset)
+                runs = probe_zero_runs(host.fd, host_offset, length, g, offset)
                 chunk.runs = _absorb_short_zero_runs(runs, sparse_size)
             return chunk
         padded = -(-length // g) * g

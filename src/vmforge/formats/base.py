@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import ImageNotFound, TruncatedImage, UnsupportedFeature
 from ..model import Extent
-from ..model.check import CheckResult
 from ..model.info import BackingRef, ImageInfo
-from ..model.inspection import FormatFacts
 
-if TYPE_CHECKING:  # annotations only: pathlib is not needed to open an image
+if TYPE_CHECKING:  # annotations only: neither is needed to open an image or probe a file
     from pathlib import Path
+
+    from ..model.check import CheckResult
+    from ..model.inspection import FormatFacts
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from ..errors import OptionError, OutputError, UnsupportedFeature
 from ..model import Extent, ExtentKind, align_up
 from ..model.info import ImageInfo
-from ..model.inspection import FormatFacts
 from ..util.fileio import WriteData, pwrite_all, write_zeros, zero_range
 from ..util.sink import AppendSink
 from .base import (
@@ -28,6 +28,9 @@ from .base import (
     file_data_runs,
 )
 from .options import check_create_options
+
+if TYPE_CHECKING:  # the inspector's facts load with the inspector, not with every command
+    from ..model.inspection import FormatFacts
 
 
 class RawReader(ImageReader):
@@ -167,6 +170,8 @@ class RawFormat(Format):
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from ..model.inspection import FormatFacts
+
         # qemu reports raw disks rounded up to whole sectors
         return FormatFacts("raw", align_up(src.size, 512))
 

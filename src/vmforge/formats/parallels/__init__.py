@@ -8,17 +8,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...model.inspection import FormatFacts
-from ...util.lazy import lazy_package
+from ...util.lazy import LazyModule, lazy_package
 from ..base import Capabilities, Format
-from . import structs as S
 
 # the reader (and numpy) load on first use: registering and probing need neither
 lazy_package(__name__, {"ParallelsReader": ".reader"})
 
 if TYPE_CHECKING:
+    from ...model.inspection import FormatFacts
     from ..base import ByteSource, ImageReader, OpenOptions
+    from . import structs as S
     from .reader import ParallelsReader
+else:  # the header structure loads with the first image opened, or a file that
+    S = LazyModule(f"{__name__}.structs")  # starts with a magic below
+
+#: block/parallels.c HEADER_MAGIC and HEADER_MAGIC2 (structs.MAGIC_V1/V2, kept here
+#: so that probing a file does not load structs)
+MAGICS = (b"WithoutFreeSpace", b"WithouFreSpacExt")
 
 
 class ParallelsFormat(Format):
@@ -28,7 +34,7 @@ class ParallelsFormat(Format):
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
         # qemu's parallels_probe: a full header with either magic and version 2
-        return 100 if S.is_parallels(head) else 0
+        return 100 if head[:16] in MAGICS and S.is_parallels(head) else 0
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:
@@ -38,6 +44,7 @@ class ParallelsFormat(Format):
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from ...model.inspection import FormatFacts
         from .reader import read_header
 
         h = read_header(src)

@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING
 
 from ...errors import OptionError, UnsupportedFeature
 from ...model import parse_size
-from ...util.lazy import lazy_package
+from ...util.lazy import LazyModule, lazy_package
 from ..base import Capabilities, Format
 from ..options import check_create_options, parse_flag
-from . import structs as S
 
 # The reader and writer load on first use: registering and probing need neither.
 lazy_package(__name__, {"Qcow2Reader": ".reader", "Qcow2Writer": ".writer",
@@ -19,8 +18,15 @@ lazy_package(__name__, {"Qcow2Reader": ".reader", "Qcow2Writer": ".writer",
 if TYPE_CHECKING:
     from ...model.inspection import FormatFacts
     from ..base import BackingRef, ByteSource, ImageReader, ImageWriter, OpenOptions
+    from . import structs as S
     from .reader import Qcow2Reader
     from .writer import Qcow2Options, Qcow2Writer
+else:  # the structures load with the first image opened or made: probing reads MAGIC
+    S = LazyModule(f"{__name__}.structs")
+
+#: docs/interop/qcow2.txt "Header": bytes 0-3, the QCOW magic string "QFI\xfb"
+#: (structs.MAGIC, kept here so that probing a file does not load structs)
+MAGIC = b"QFI\xfb"
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -121,7 +127,7 @@ class Qcow2Format(Format):
     def probe(cls, head: bytes, file_size: int) -> int:
         # The magic alone decides: a QFI\xfb file with an unknown version must be refused
         # as qcow2 (naming the version), never read as raw (OSSA-2024-002).
-        return 100 if head[:4] == S.MAGIC else 0
+        return 100 if head[:4] == MAGIC else 0
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:

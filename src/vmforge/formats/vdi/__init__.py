@@ -15,19 +15,26 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ...errors import OptionError
-from ...model.inspection import FormatFacts, Reference
-from ...util.lazy import lazy_package
+from ...util.lazy import LazyModule, lazy_package
 from ..base import Capabilities, Format
 from ..options import check_create_options, parse_flag
-from . import structs as S
 
 # the reader and writer (and numpy) load on first use: registering and probing need none
 lazy_package(__name__, {"VdiReader": ".reader", "VdiWriter": ".writer"})
 
 if TYPE_CHECKING:
+    from ...model.inspection import FormatFacts
     from ..base import BackingRef, ByteSource, ImageReader, ImageWriter, OpenOptions
+    from . import structs as S
     from .reader import VdiReader
     from .writer import VdiWriter
+else:  # the structures load with the first image opened or made: probing reads the
+    S = LazyModule(f"{__name__}.structs")  # signature below
+
+#: VDICore.h VDI_IMAGE_SIGNATURE, little-endian at VDIPREHEADER.u32Signature (0x40)
+#: (structs.SIGNATURE/SIGNATURE_OFFSET, kept here so that probing does not load structs)
+SIGNATURE = 0xBEDA107F
+SIGNATURE_OFFSET = 0x40
 
 CREATE_OPTIONS = {
     "static": "on | off (default): preallocate every block (VirtualBox 'fixed' image)",
@@ -43,8 +50,8 @@ class VdiFormat(Format):
     def probe(cls, head: bytes, file_size: int) -> int:
         # qemu's vdi_probe: the signature alone decides, so a damaged VDI is refused as
         # VDI rather than read as raw
-        end = S.SIGNATURE_OFFSET + 4
-        if len(head) >= end and int.from_bytes(head[S.SIGNATURE_OFFSET:end], "little") == S.SIGNATURE:
+        end = SIGNATURE_OFFSET + 4
+        if len(head) >= end and int.from_bytes(head[SIGNATURE_OFFSET:end], "little") == SIGNATURE:
             return 100
         return 0
 
@@ -56,6 +63,7 @@ class VdiFormat(Format):
 
     @classmethod
     def inspect(cls, src: ByteSource) -> FormatFacts:
+        from ...model.inspection import FormatFacts, Reference
         from .reader import read_header
 
         h = read_header(src)

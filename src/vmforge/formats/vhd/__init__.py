@@ -14,10 +14,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ...errors import OptionError
-from ...util.lazy import lazy_package
+from ...util.lazy import LazyModule, lazy_package
 from ..base import Capabilities, Format
 from ..options import check_create_options, parse_flag
-from . import structs as S
 
 # the reader, writers and in-place editor (and numpy) load on first use: registering
 # and probing need none of them
@@ -27,8 +26,15 @@ lazy_package(__name__, {"VpcReader": ".reader", "DifferencingWriter": ".writer",
 if TYPE_CHECKING:
     from ...model.inspection import FormatFacts
     from ..base import BackingRef, ByteSource, ImageReader, ImageWriter, OpenOptions
+    from . import structs as S
     from .reader import VpcReader
     from .writer import DifferencingWriter, DynamicWriter, FixedWriter
+else:  # the structures load with the first image opened or made, or a file that ends
+    S = LazyModule(f"{__name__}.structs")  # in a footer cookie: probing reads COOKIE
+
+#: "Hard Disk Footer Format": Cookie, "conectix", at the start of the footer (and of
+#: the copy that starts a dynamic disk); structs.COOKIE, kept here for probing
+COOKIE = b"conectix"
 
 CREATE_OPTIONS = {
     "subformat": "dynamic (default) or fixed",
@@ -63,7 +69,7 @@ class VpcFormat(Format):
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
         # A dynamic disk starts with a copy of its footer; fixed ones: see probe_tail.
-        return 100 if head[:8] == S.COOKIE else 0
+        return 100 if head[:8] == COOKIE else 0
 
     @classmethod
     def probe_tail(cls, tail: bytes, file_size: int) -> int:
@@ -72,7 +78,7 @@ class VpcFormat(Format):
         Raw disks can end in anything, so only a footer that is entirely consistent
         counts: cookie, checksum, fixed disk type, and a size that matches the file.
         """
-        if len(tail) != S.FOOTER_SIZE or tail[:8] != S.COOKIE:
+        if tail[:8] != COOKIE or len(tail) != S.FOOTER_SIZE:
             return 0
         if not S.footer_checksum_ok(tail):
             return 0

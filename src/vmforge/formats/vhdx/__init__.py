@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING
 
 from ...errors import OptionError, VmforgeError
 from ...model import parse_size
-from ...util.lazy import lazy_package
+from ...util.lazy import LazyModule, lazy_package
 from ..base import BackingRef, Capabilities, Format
 from ..options import check_create_options, parse_flag
-from . import structs as S
 
 # the reader, writer and editor (and numpy) load on first use: registering and probing
 # need none of them
@@ -27,9 +26,16 @@ lazy_package(__name__, {"VhdxEditor": ".inplace", "VhdxReader": ".reader",
 if TYPE_CHECKING:
     from ...model.inspection import FormatFacts
     from ..base import ByteSource, ImageReader, ImageWriter, OpenOptions
+    from . import structs as S
     from .inplace import VhdxEditor
     from .reader import VhdxReader
     from .writer import ParentInfo, VhdxWriter
+else:  # the structures (and crc32c) load with the first image opened or made:
+    S = LazyModule(f"{__name__}.structs")  # probing reads FILE_SIGNATURE
+
+#: [MS-VHDX] 2.2.1 File Type Identifier: Signature "vhdxfile" at offset 0
+#: (structs.FILE_SIGNATURE, kept here so that probing does not load structs)
+FILE_SIGNATURE = b"vhdxfile"
 
 CREATE_OPTIONS = {
     "subformat": "dynamic (default) or fixed",
@@ -82,7 +88,7 @@ class VhdxFormat(Format):
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
-        return 100 if head[:8] == S.FILE_SIGNATURE else 0
+        return 100 if head[:8] == FILE_SIGNATURE else 0
 
     @classmethod
     def open(cls, path: str, options: OpenOptions) -> ImageReader:

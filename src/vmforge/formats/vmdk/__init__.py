@@ -12,10 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ...util.lazy import lazy_package
+from ...util.lazy import LazyModule, lazy_package
 from ..base import Capabilities, Format
-from . import structs as S
-from .descriptor import looks_like_text_descriptor
 
 # the reader and writers (and numpy) load on first use: registering and probing need none
 lazy_package(__name__, {"VmdkReader": ".reader"})
@@ -23,7 +21,19 @@ lazy_package(__name__, {"VmdkReader": ".reader"})
 if TYPE_CHECKING:
     from ...model.inspection import FormatFacts
     from ..base import BackingRef, ByteSource, ImageReader, ImageWriter, OpenOptions
+    from . import structs as S
     from .reader import VmdkReader
+else:  # the structures and the descriptor parser load when a file may be a VMDK:
+    S = LazyModule(f"{__name__}.structs")  # probing first looks at the magics below
+
+#: "KDMV" (magicNumber 0x564d444b, "Hosted Sparse Extent Header") and "COWD" (ESX
+#: COWDisk_Header) start a sparse extent: structs.SPARSE_MAGIC and COWD_MAGIC
+SPARSE_MAGICS = (b"KDMV", b"COWD")
+#: the low half of QEMU's SESPARSE_CONST_HEADER_MAGIC 0xCAFEBABE, little-endian
+SESPARSE_PREFIX = b"\xbe\xba\xfe\xca"
+#: how a text descriptor can start: a comment, a line of spaces, or "version=" (the
+#: parser, descriptor.looks_like_text_descriptor, loads and decides only then)
+DESCRIPTOR_STARTS = (b"#", b" ", b"version=")
 
 CREATE_OPTIONS = {
     "subformat": "monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | "
@@ -50,10 +60,14 @@ class VmdkFormat(Format):
         # qemu's vmdk_probe: a "KDMV"/"COWD" magic, or a text descriptor starting with
         # version=N. Unlike qemu (which calls it raw), a bare seSparse extent is
         # recognised by its 8-byte magic and read from its own header.
-        if head[:4] in (S.SPARSE_MAGIC, S.COWD_MAGIC) or S.is_sesparse(head):
+        if head[:4] in SPARSE_MAGICS:
             return 100
-        if looks_like_text_descriptor(head):
+        if head[:4] == SESPARSE_PREFIX and S.is_sesparse(head):
             return 100
+        if head.startswith(DESCRIPTOR_STARTS):
+            from .descriptor import looks_like_text_descriptor
+
+            return 100 if looks_like_text_descriptor(head) else 0
         return 0
 
     @classmethod
