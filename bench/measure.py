@@ -106,6 +106,11 @@ class Result:
         runs = self.ok_runs(tool)
         return statistics.median(r.seconds for r in runs) if runs else None
 
+    def best(self, tool: str) -> float | None:
+        """The fastest successful run: what the tool does when the machine does not interfere."""
+        runs = self.ok_runs(tool)
+        return min(r.seconds for r in runs) if runs else None
+
     def cores(self, tool: str) -> float | None:
         """CPU seconds per wall second over the successful runs: 2.0 = two busy cores."""
         runs = self.ok_runs(tool)

@@ -54,9 +54,10 @@ def test_quick_run_measures_and_verifies_every_group(tmp_path: Path) -> None:
     assert "Every vmforge output passed `qemu-img compare`" in text
     assert "FAILED" not in text
 
-    # every measured row has both tools' times, a ratio, CPU use and RSS
+    # every measured row has both tools' times, a ratio, the best runs' ratio, CPU use and RSS
     row = re.compile(r"^\| (?P<title>[^|]+) \| (?P<q>\d+\.\d\d) \| (?P<v>\d+\.\d\d) \| "
-                     r"(?P<ratio>\d+\.\d\d)× \| [^|]+ \| (?P<size>\d\.\d{3}) \| "
+                     r"(?P<ratio>\d+\.\d\d)× \| [^|]+ \| (?P<best>\d+\.\d\d)× \| "
+                     r"(?P<size>\d\.\d{3}) \| "
                      r"(?P<qcpu>\d+\.\d) cores \| (?P<vcpu>\d+\.\d) cores \| (?P<qrss>\d+) \| "
                      r"(?P<vrss>\d+) \|$", re.M)
     expected = {
@@ -79,6 +80,8 @@ def test_quick_run_measures_and_verifies_every_group(tmp_path: Path) -> None:
             q, v, ratio = float(match["q"]), float(match["v"]), float(match["ratio"])
             low, high = (v - 0.005) / (q + 0.005), (v + 0.005) / max(q - 0.005, 1e-9)
             assert low - 0.005 <= ratio <= high + 0.005, match.group(0)
+            # one run per tool (--reps 1): its best run is its median
+            assert match["best"] == match["ratio"], match.group(0)
     assert "≤ 0.20×, size ≤ 1.05:" in section(text, "Compressed writes")
     assert "(twice the data, same virtual size): vmforge" in section(
         text, "Sparse disks: time follows the data, not the virtual size")
