@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # numpy loads with the refcount code below, not when probing
+if TYPE_CHECKING:  # numpy loads with the reader's unpack_refcounts, not when probing
     import numpy as np
 
 MAGIC = b"QFI\xfb"
@@ -201,21 +203,42 @@ class SnapshotEntry:
         return out + bytes((-len(out)) % 8)
 
 
-def pack_refcounts(counts: np.ndarray[Any, Any], bits: int) -> bytes:
+def pack_refcounts(counts: array[int] | np.ndarray[Any, Any], bits: int) -> bytes:
     """Refcount block bytes for ``counts`` at width ``bits`` (qcow2.txt "Host cluster management").
 
-    Widths of 8 and more are big-endian integers; narrower ones are packed into bytes
-    starting at the least significant bit, as QEMU's get_refcount_ro0..2 read them.
-    """
-    import numpy as np
+    ``counts`` is any C-contiguous buffer of host-order unsigned integers (an
+    ``array.array`` or a numpy array); its length a multiple of 8 // bits for widths
+    under 8. Widths of 8 and more are big-endian integers; narrower ones are packed
+    into bytes starting at the least significant bit, as QEMU's get_refcount_ro0..2
+    read them. Raises ValueError if a count does not fit in ``bits``.
 
+    Works on byte planes (byte m of every count), each one C-level slice of the
+    buffer's bytes, so a block costs the same few slices whatever its width and no
+    numpy is needed.
+    """
+    view = memoryview(counts) if isinstance(counts, array) else counts.data
+    size, raw = view.itemsize, view.tobytes()
+    n = len(raw) // size
+    # plane[m]: byte m (0: least significant) of every count
+    planes = [raw[m::size] for m in range(size)]
+    if sys.byteorder == "big":
+        planes.reverse()
+    width = max(bits // 8, 1)
+    if any(plane.count(0) != n for plane in planes[width:]):
+        raise ValueError(f"a refcount does not fit in {bits} bits")
     if bits >= 8:
-        return counts.astype(f">u{bits // 8}").tobytes()
+        out = bytearray(n * width)
+        for m, plane in enumerate(planes[:width]):  # big-endian: significance m at width-1-m
+            out[width - 1 - m::width] = plane
+        return bytes(out)
+    low = planes[0]
+    if low.translate(None, bytes(range(1 << bits))):  # any byte left is too big a count
+        raise ValueError(f"a refcount does not fit in {bits} bits")
     per_byte = 8 // bits
-    c = counts.astype(np.uint8).reshape(-1, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    packed: bytes = np.bitwise_or.reduce(c << shifts, axis=1).astype(np.uint8).tobytes()
-    return packed
+    packed = 0
+    for i in range(per_byte):  # count k*per_byte+i goes to bits i*bits.. of byte k
+        packed |= int.from_bytes(low[i::per_byte], "little") << (i * bits)
+    return packed.to_bytes(n // per_byte, "little")
 
 
 def unpack_refcounts(data: bytes, bits: int) -> np.ndarray[Any, Any]:

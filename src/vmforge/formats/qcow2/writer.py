@@ -6,18 +6,22 @@ to disk as soon as the engine says nothing before them will change (``flush_befo
 so memory stays bounded whatever the disk size; L1, refcount blocks and the refcount
 table are written last, computed from an exact per-cluster count, so ``qemu-img
 check`` finds no leak and no error.
+
+Tables are ``array.array``s of host-order integers (util.tables), byte-swapped to
+qcow2's big-endian order when written: a convert to qcow2 never imports numpy.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ...engine.codec import compressor as make_compressor
-from ...errors import OutputError, ReadOnlyImage, UnsupportedFeature
+from ...errors import CorruptImage, OutputError, ReadOnlyImage, UnsupportedFeature
+from ...util import tables
 from ...util.fileio import WriteData, byte_view, punch_hole, pwrite_all, write_zeros
 from ..base import BackingRef, ImageWriter, OpenOptions
 from . import structs as S
@@ -37,12 +41,16 @@ class Qcow2Options:
     compression_level: int | None = None
 
 
+#: clusters whose refcounts _alloc sets in one go
+_ALLOC_PIECE = 1 << 16
+
+
 class _L2:
     """One L2 table while it is being filled."""
 
     __slots__ = ("entries", "host", "dirty")
 
-    def __init__(self, entries: np.ndarray[Any, Any], host: int | None) -> None:
+    def __init__(self, entries: array[int], host: int | None) -> None:
         self.entries = entries
         self.host = host
         self.dirty = True
@@ -73,10 +81,10 @@ class Qcow2Writer(ImageWriter):
         self.l2_entries = self.cs // (8 * self.entry_words)
         self.l2_span = self.l2_entries * self.cs
         self.l1_size = -(-size // self.l2_span)
-        self.l1 = np.zeros(self.l1_size, dtype=np.uint64)
+        self.l1 = tables.zeros(8, self.l1_size)
         self.tables: dict[int, _L2] = {}
         # 4 bytes per host cluster: 64 MiB for 1 TiB of data in 64 KiB clusters
-        self.refcounts = np.zeros(1024, dtype=np.uint32)
+        self.refcounts = tables.zeros(4, 1024)
         self.max_refcount = (1 << (1 << opts.refcount_order)) - 1
         self.next_host = self.cs  # cluster 0 is the header
         self._ref(0, 1)
@@ -125,19 +133,21 @@ class Qcow2Writer(ImageWriter):
             self._setup(path, h.size, opts, reader.backing)
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             cs = self.cs
-            self.l1 = reader.l1.copy()
+            # the reader's tables are numpy arrays (reading an image loads numpy anyway)
+            self.l1 = tables.from_bytes(reader.l1.astype("=u8").tobytes(), 8, sys.byteorder)
             nb = -(-reader.host.size // cs)
             from .check import stored_refcounts
 
             stored = stored_refcounts(reader, nb)
-            self.refcounts = np.minimum(stored, np.uint64(0xFFFFFFFF)).astype(np.uint32)
+            self.refcounts = tables.from_bytes(stored.clip(0, 0xFFFFFFFF).astype("=u4").tobytes(),
+                                               4, sys.byteorder)
             self.next_host = nb * cs
             # the old L1 and refcount structures are replaced when finishing
             self._unref_range(h.l1_table_offset, h.l1_size * 8)
             self._unref_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
-            table = np.frombuffer(reader.host.pread(h.refcount_table_offset,
-                                                    h.refcount_table_clusters * cs), dtype=">u8")
-            for entry in table.tolist():
+            table = tables.from_bytes(reader.host.pread(h.refcount_table_offset,
+                                                        h.refcount_table_clusters * cs), 8, "big")
+            for entry in table:
                 if entry & S.REFT_OFFSET_MASK:
                     self._unref_range(entry & S.REFT_OFFSET_MASK, cs)
             self.extensions = list(reader.extensions)
@@ -152,25 +162,45 @@ class Qcow2Writer(ImageWriter):
         if length <= 0:
             return
         first, last = offset // self.cs, (offset + length - 1) // self.cs
-        counts = self.refcounts[first:last + 1]
-        counts[counts > 0] -= np.uint32(1)
+        counts = self.refcounts
+        for c in range(first, min(last + 1, len(counts))):
+            if counts[c]:
+                counts[c] -= 1
 
     # -- host cluster accounting -----------------------------------------------------------
 
+    def _grow_refcounts(self, need: int) -> None:
+        counts = self.refcounts
+        if need > len(counts):
+            counts.frombytes(bytes(4 * (max(need, 2 * len(counts)) - len(counts))))
+
     def _ref(self, cluster: int, count: int = 1, n: int = 1) -> None:
-        """Add ``count`` references to host clusters ``[cluster, cluster+n)``."""
-        need = cluster + n
-        if need > len(self.refcounts):
-            grown = np.zeros(max(need, 2 * len(self.refcounts)), dtype=np.uint32)
-            grown[: len(self.refcounts)] = self.refcounts
-            self.refcounts = grown
-        self.refcounts[cluster:cluster + n] += np.uint32(count)
+        """Add ``count`` references to host clusters ``[cluster, cluster+n)`` (a few)."""
+        self._grow_refcounts(cluster + n)
+        for c in range(cluster, cluster + n):
+            self.refcounts[c] += count
+
+    def _unref(self, cluster: int) -> None:
+        """Drop one reference to host cluster ``cluster``."""
+        if cluster >= len(self.refcounts) or not self.refcounts[cluster]:
+            raise CorruptImage("a cluster in use has a refcount of 0", path=self.path,
+                               offset=cluster * self.cs,
+                               hint="run 'vmforge check -r all' on it first")
+        self.refcounts[cluster] -= 1
 
     def _alloc(self, n: int) -> int:
         """n contiguous new host clusters, referenced once; returns the host offset."""
         host = self.next_host
         self.next_host += n * self.cs
-        self._ref(host // self.cs, 1, n)
+        first = host // self.cs
+        self._grow_refcounts(first + n)
+        # Clusters from next_host on have never been counted (count 0), so the new
+        # ones are set to 1 with C-level copies, a piece at a time: preallocating a
+        # whole disk allocates millions of clusters at once.
+        ones = tables.filled(4, min(n, _ALLOC_PIECE), 1)
+        for lo in range(first, first + n, _ALLOC_PIECE):
+            hi = min(lo + _ALLOC_PIECE, first + n)
+            self.refcounts[lo:hi] = ones if hi - lo == len(ones) else ones[:hi - lo]
         return host
 
     # -- L2 tables ---------------------------------------------------------------------------
@@ -180,19 +210,18 @@ class Qcow2Writer(ImageWriter):
         if table is None:
             host = int(self.l1[index]) & S.L1E_OFFSET_MASK
             if host:  # flushed earlier and written to again: bring it back
-                raw = os.pread(self.fd, self.cs, host)
-                entries = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+                entries = tables.from_bytes(os.pread(self.fd, self.cs, host), 8, "big")
                 if self._shared(host):
                     # a snapshot uses this table too: change a copy of it (written to a
                     # new cluster at flush); the data clusters keep their counts, since
                     # each L1 table reaching them still counts once
-                    self.refcounts[host // self.cs] -= np.uint32(1)
+                    self._unref(host // self.cs)
                     self.l1[index] = 0
-                    table = _L2(entries.copy(), None)
+                    table = _L2(entries, None)
                 else:
                     table = _L2(entries, host)
             else:
-                table = _L2(np.zeros(self.l2_entries * self.entry_words, dtype=np.uint64), None)
+                table = _L2(tables.zeros(8, self.l2_entries * self.entry_words), None)
             self.tables[index] = table
         table.dirty = True
         return table
@@ -209,12 +238,11 @@ class Qcow2Writer(ImageWriter):
             return host
         new = self._alloc(1)
         pwrite_all(self.fd, os.pread(self.fd, self.cs, host), new)
-        self.refcounts[host // self.cs] -= np.uint32(1)
+        self._unref(host // self.cs)
         if self.entry_words == 2:  # keep the subcluster bitmap as it is
             w = self.entry_words
             index, slot = divmod(guest_cluster, self.l2_entries)
-            self._table(index).entries[slot * w] = np.uint64(new | S.OFLAG_COPIED
-                                                             | (entry & S.OFLAG_ZERO))
+            self._table(index).entries[slot * w] = new | S.OFLAG_COPIED | (entry & S.OFLAG_ZERO)
         else:
             self._set_range(guest_cluster, 1, new | S.OFLAG_COPIED | (entry & S.OFLAG_ZERO))
         return new
@@ -222,8 +250,8 @@ class Qcow2Writer(ImageWriter):
     def _write_table(self, index: int, table: _L2) -> None:
         if table.host is None:
             table.host = self._alloc(1)
-            self.l1[index] = np.uint64(table.host | S.OFLAG_COPIED)
-        pwrite_all(self.fd, table.entries.astype(">u8").tobytes(), table.host)
+            self.l1[index] = table.host | S.OFLAG_COPIED
+        pwrite_all(self.fd, tables.to_bytes(table.entries, "big"), table.host)
         table.dirty = False
 
     def flush_before(self, offset: int) -> None:
@@ -242,16 +270,18 @@ class Qcow2Writer(ImageWriter):
             index, slot = divmod(first + done, self.l2_entries)
             n = min(count - done, self.l2_entries - slot)
             table = self._table(index)
-            values = np.uint64(entry) + np.arange(done, done + n, dtype=np.uint64) * np.uint64(step)
-            table.entries[slot * w:(slot + n) * w:w] = values
-            if w == 2:
-                table.entries[slot * w + 1:(slot + n) * w:w] = np.uint64(bitmap)
+            values = tables.series(8, entry + done * step, n, step)
+            if w == 1:
+                table.entries[slot:slot + n] = values
+            else:
+                table.entries[slot * w:(slot + n) * w:w] = values
+                table.entries[slot * w + 1:(slot + n) * w:w] = tables.filled(8, n, bitmap)
             done += n
 
-    def _get_range(self, first: int, count: int) -> np.ndarray[Any, Any]:
+    def _get_range(self, first: int, count: int) -> array[int]:
         """Standard entries of ``count`` guest clusters from ``first`` (0 where no table)."""
         w = self.entry_words
-        out = np.zeros(count, dtype=np.uint64)
+        out = tables.zeros(8, count)
         done = 0
         while done < count:
             index, slot = divmod(first + done, self.l2_entries)
@@ -271,7 +301,7 @@ class Qcow2Writer(ImageWriter):
         first = offset // cs
         count = -(-len(view) // cs)
         existing = self._get_range(first, count)
-        if not existing.any():
+        if existing.count(0) == count:
             host = self._alloc(count)
             pwrite_all(self.fd, view, host)
             self._set_range(first, count, host | S.OFLAG_COPIED, cs, 0xFFFFFFFF)
@@ -280,11 +310,11 @@ class Qcow2Writer(ImageWriter):
         # overwrite those in place, allocate the others one by one.
         for i in range(count):
             part = view[i * cs:(i + 1) * cs]
-            entry = int(existing[i])
+            entry = existing[i]
             if entry & S.L2E_OFFSET_MASK and not entry & S.OFLAG_COMPRESSED:
                 host = entry & S.L2E_OFFSET_MASK
                 if self._shared(host):  # a snapshot keeps the old cluster
-                    self.refcounts[host // cs] -= np.uint32(1)
+                    self._unref(host // cs)
                     host = self._alloc(1)
             else:
                 if entry & S.OFLAG_COMPRESSED:
@@ -298,7 +328,8 @@ class Qcow2Writer(ImageWriter):
         sectors = ((entry >> self.csize_shift) & ((1 << (62 - self.csize_shift)) - 1)) + 1
         first = (start & ~511) // self.cs
         last = ((start & ~511) + sectors * 512 - 1) // self.cs
-        self.refcounts[first:last + 1] -= np.uint32(1)
+        for c in range(first, last + 1):
+            self._unref(c)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero whole clusters (the engine aligns zero runs to the cluster size)."""
@@ -322,14 +353,13 @@ class Qcow2Writer(ImageWriter):
                 self.write(c * cs, bytes(min(n * cs, self.virtual_size - c * cs)))
             return
         existing = self._get_range(first, count)
-        if existing.any():
-            for i in range(count):
-                entry = int(existing[i])
+        if existing.count(0) != count:
+            for i, entry in enumerate(existing):
                 if entry & S.OFLAG_COMPRESSED:
                     self._unref_compressed(entry)
                 elif entry & S.L2E_OFFSET_MASK and self._shared(entry & S.L2E_OFFSET_MASK):
                     # a snapshot keeps the cluster: this state just reads zeros
-                    self.refcounts[(entry & S.L2E_OFFSET_MASK) // cs] -= np.uint32(1)
+                    self._unref((entry & S.L2E_OFFSET_MASK) // cs)
                 elif entry & S.L2E_OFFSET_MASK:  # keep the cluster, read it as zeros
                     host = entry & S.L2E_OFFSET_MASK
                     if self.entry_words == 2:
@@ -342,7 +372,7 @@ class Qcow2Writer(ImageWriter):
         self._set_zero(first, count)
 
     def _zero_partial(self, offset: int, length: int) -> None:
-        entry = int(self._get_range(offset // self.cs, 1)[0])
+        entry = self._get_range(offset // self.cs, 1)[0]
         host = entry & S.L2E_OFFSET_MASK
         if host and not entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO):
             host = self._own(offset // self.cs, entry)
@@ -386,7 +416,7 @@ class Qcow2Writer(ImageWriter):
         first_c, last_c = start // cs, (end - 1) // cs
         self._ref(first_c, 1, last_c - first_c + 1)
         sectors = (end - 1) // 512 - start // 512  # additional sectors beyond the first
-        existing = int(self._get_range(offset // cs, 1)[0])
+        existing = self._get_range(offset // cs, 1)[0]
         if existing & S.OFLAG_COMPRESSED:
             self._unref_compressed(existing)
         self._set_range(offset // cs, 1, S.OFLAG_COMPRESSED | (sectors << self.csize_shift) | start)
@@ -416,7 +446,7 @@ class Qcow2Writer(ImageWriter):
         try:
             self.flush_before(self.l1_size * self.l2_span)
             cs = self.cs
-            l1_bytes = self.l1.astype(">u8").tobytes()
+            l1_bytes = tables.to_bytes(self.l1, "big")
             l1_clusters = max(1, -(-len(l1_bytes) // cs))
             l1_offset = self._alloc(l1_clusters)
             pwrite_all(self.fd, l1_bytes, l1_offset)
@@ -446,17 +476,18 @@ class Qcow2Writer(ImageWriter):
         block_offset = self._alloc(blocks)
         table_offset = self._alloc(table)
         total = self.next_host // cs
-        counts = self.refcounts[:total]
-        if int(counts.max(initial=0)) > self.max_refcount:
-            raise OutputError(f"{self.path}: a refcount exceeds refcount_bits={bits}")
+        counts = self.refcounts
         for b in range(blocks):  # one block at a time: memory stays one cluster wide
-            block = np.zeros(per_block, dtype=np.uint64)
-            part = counts[b * per_block:(b + 1) * per_block]
-            block[:len(part)] = part
-            pwrite_all(self.fd, S.pack_refcounts(block, bits), block_offset + b * cs)
-        entries = np.zeros(table * per_table_cluster, dtype=np.uint64)
-        entries[:blocks] = block_offset + np.arange(blocks, dtype=np.uint64) * np.uint64(cs)
-        pwrite_all(self.fd, entries.astype(">u8").tobytes(), table_offset)
+            block = counts[b * per_block:min((b + 1) * per_block, total)]
+            block.frombytes(bytes(4 * (per_block - len(block))))
+            try:
+                packed = S.pack_refcounts(block, bits)
+            except ValueError:
+                raise OutputError(f"{self.path}: a refcount exceeds refcount_bits={bits}") from None
+            pwrite_all(self.fd, packed, block_offset + b * cs)
+        entries = tables.series(8, block_offset, blocks, cs)
+        entries.frombytes(bytes(8 * (table * per_table_cluster - blocks)))
+        pwrite_all(self.fd, tables.to_bytes(entries, "big"), table_offset)
         return table_offset, table
 
     def _write_header(self, l1_offset: int, rt_offset: int, rt_clusters: int) -> None:
@@ -513,9 +544,8 @@ class Qcow2Writer(ImageWriter):
         elif new_size > self.virtual_size and self.virtual_size % self.cs:
             end = min(new_size, self.virtual_size - self.virtual_size % self.cs + self.cs)
             self._zero_partial(self.virtual_size, end - self.virtual_size)
-        l1 = np.zeros(check_new, dtype=np.uint64)
-        keep = min(check_new, self.l1_size)
-        l1[:keep] = self.l1[:keep]
+        l1 = self.l1[:min(check_new, self.l1_size)]
+        l1.frombytes(bytes(8 * (check_new - len(l1))))
         self.l1, self.l1_size, self.virtual_size = l1, check_new, new_size
 
     def _discard_from(self, first: int) -> None:
@@ -526,29 +556,33 @@ class Qcow2Writer(ImageWriter):
                 continue
             table = self._table(index)
             slot = max(0, first - index * self.l2_entries)
-            for entry in table.entries[slot * w::w].tolist():
+            for entry in table.entries[slot * w::w]:
                 if entry & S.OFLAG_COMPRESSED:
                     self._unref_compressed(entry)
                 elif entry & S.L2E_OFFSET_MASK:
-                    self.refcounts[(entry & S.L2E_OFFSET_MASK) // self.cs] -= np.uint32(1)
-            table.entries[slot * w:] = 0
+                    self._unref((entry & S.L2E_OFFSET_MASK) // self.cs)
+            table.entries[slot * w:] = tables.zeros(8, len(table.entries) - slot * w)
             if slot == 0:  # the whole table goes
                 if table.host is not None:
-                    self.refcounts[table.host // self.cs] -= np.uint32(1)
+                    self._unref(table.host // self.cs)
                 del self.tables[index]
                 self.l1[index] = 0
 
     def make_empty(self) -> None:
         """Unmap every guest cluster; freed clusters become holes in the file."""
-        before = self.refcounts.copy()
+        before = self.refcounts[:]
         self._discard_from(0)
-        freed = np.flatnonzero((before > 0) & (self.refcounts[:len(before)] == 0))
-        if not len(freed):
-            return
-        # one hole per run of consecutive clusters
-        breaks = np.flatnonzero(np.diff(freed) != 1) + 1
-        for run in np.split(freed, breaks):
-            punch_hole(self.fd, int(run[0]) * self.cs, len(run) * self.cs)
+        run_start = run_end = -1  # one hole per run of consecutive freed clusters
+        for c, (was, now) in enumerate(zip(before, self.refcounts, strict=True)):
+            if not (was and not now):
+                continue
+            if c != run_end:
+                if run_end > run_start:
+                    punch_hole(self.fd, run_start * self.cs, (run_end - run_start) * self.cs)
+                run_start = c
+            run_end = c + 1
+        if run_end > run_start:
+            punch_hole(self.fd, run_start * self.cs, (run_end - run_start) * self.cs)
 
     def set_backing(self, backing: BackingRef | None) -> None:
         """Store another backing reference; the header is rewritten at finish."""

@@ -26,9 +26,8 @@ import os
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ...errors import UnsupportedFeature, UsageError
+from ...util import tables
 from ...util.fileio import pwrite_all, zero_range
 from . import structs as S
 
@@ -54,8 +53,7 @@ def resize(w: VdiWriter, new_size: int) -> None:
     need_map = S.block_map_bytes(new_blocks)
     room = h.offData - h.offBlocks
     if diff:
-        kept = w.bmap[:new_blocks]
-        high = bool(np.any((kept < S.FIRST_UNALLOCATED) & (kept >= new_blocks)))
+        high = any(new_blocks <= e < S.FIRST_UNALLOCATED for e in w.bmap[:new_blocks])
         if (new_size > old and need_map > room) or (new_size < old and high):
             raise UnsupportedFeature(
                 "resizing this differencing VDI", path=w.path,
@@ -97,21 +95,21 @@ def _move_block(w: VdiWriter, src: int, dst: int) -> None:
 def _shrink(w: VdiWriter, new_size: int, new_blocks: int) -> None:
     last = new_blocks - 1
     _zero_in_block(w, last, new_size - last * BS, min(BS, w.virtual_size - last * BS))
-    bmap = w.bmap[:new_blocks].copy()
-    allocated = bmap < S.FIRST_UNALLOCATED
-    high = np.flatnonzero(allocated & (bmap >= new_blocks))
-    if high.size:
-        in_use = np.zeros(new_blocks, dtype=bool)
-        low = bmap[allocated & (bmap < new_blocks)]
-        in_use[low] = True
-        free = np.flatnonzero(~in_use)  # there are enough: at most new_blocks are in use
-        for index, slot in zip(high.tolist(), free.tolist(), strict=False):
-            _move_block(w, int(bmap[index]), slot)
+    bmap = w.bmap[:new_blocks]  # (a copy)
+    high = [i for i, e in enumerate(bmap) if new_blocks <= e < S.FIRST_UNALLOCATED]
+    if high:
+        in_use = bytearray(new_blocks)
+        for e in bmap:
+            if e < new_blocks:  # (new_blocks is below FIRST_UNALLOCATED: a stored block)
+                in_use[e] = 1
+        # there are enough free slots: at most new_blocks are in use
+        free = (slot for slot, used in enumerate(in_use) if not used)
+        for index, slot in zip(high, free, strict=False):
+            _move_block(w, bmap[index], slot)
             bmap[index] = slot
         os.fsync(w.fd)
     w.bmap = bmap
-    used = bmap[bmap < S.FIRST_UNALLOCATED]
-    w.allocated = int(used.max()) + 1 if used.size else 0
+    w.allocated = max((e + 1 for e in bmap if e < S.FIRST_UNALLOCATED), default=0)
     w.truncate = True
 
 
@@ -122,23 +120,22 @@ def _grow(w: VdiWriter, new_size: int, new_blocks: int, need_map: int, room: int
     if w.virtual_size % BS:
         last = old_blocks - 1
         _zero_in_block(w, last, w.virtual_size - last * BS, min(BS, new_size - last * BS))
-    bmap = w.bmap.copy()
+    bmap = w.bmap[:]  # (a copy)
     if need_map > room:
         # the first k host blocks are in the map's way: copy them past the last one,
         # then count every entry from the new offData
         k = -(-(need_map - room) // BS)
-        allocated = bmap < S.FIRST_UNALLOCATED
-        in_way = np.flatnonzero(allocated & (bmap < k))
+        in_way = [i for i, e in enumerate(bmap) if e < k]  # (k is below FIRST_UNALLOCATED)
         target = max(w.allocated, k)
-        for j, index in enumerate(in_way.tolist()):
-            _move_block(w, int(bmap[index]), target + j)
-        if in_way.size:
+        for j, index in enumerate(in_way):
+            _move_block(w, bmap[index], target + j)
+        if in_way:
             os.fsync(w.fd)
-        moved = np.zeros(len(bmap), dtype=bool)
-        moved[in_way] = True
-        shift = allocated & ~moved
-        bmap[shift] = bmap[shift] - k
-        bmap[in_way] = target + np.arange(len(in_way), dtype=np.uint32) - k
+        for i, e in enumerate(bmap):
+            if k <= e < S.FIRST_UNALLOCATED:  # stored and not moved: counted k blocks later
+                bmap[i] = e - k
+        for j, index in enumerate(in_way):
+            bmap[index] = target + j - k
         w.allocated = target + len(in_way) - k
         # what lay between the map and the new data area is freed old block data
         gap_at = h.offBlocks + need_map
@@ -146,11 +143,11 @@ def _grow(w: VdiWriter, new_size: int, new_blocks: int, need_map: int, room: int
         w.release.append((gap_at, new_data - gap_at))  # freed once the map is written
         w.header = replace(h, offData=new_data)
         w.map_area = need_map
-    grown = np.full(new_blocks, S.BLOCK_ZERO if diff else S.BLOCK_FREE, dtype="<u4")
-    grown[:old_blocks] = bmap
+    count = new_blocks - old_blocks
     if w.header.u32Type == S.TYPE_FIXED:
         # a static image has every block in place: new ones get host blocks now
-        count = new_blocks - old_blocks
-        grown[old_blocks:] = w.allocated + np.arange(count, dtype=np.uint32)
+        bmap.extend(tables.series(4, w.allocated, count, 1))
         w.allocated += count
-    w.bmap = grown
+    else:
+        bmap.extend(tables.filled(4, count, S.BLOCK_ZERO if diff else S.BLOCK_FREE))
+    w.bmap = bmap

@@ -2,7 +2,8 @@
 
 The layout is qemu's (block/vdi.c vdi_co_do_create): a 512-byte header, the block map
 at 0x200 in whole sectors, data blocks right after it. The block map stays in memory
-(4 bytes per MiB of disk) and is written with the header by ``finish``.
+(4 bytes per MiB of disk, an ``array.array``: no numpy) and is written with the
+header by ``finish``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-import numpy as np
-
 from ...errors import CorruptImage, OutputError, UnsupportedFeature
+from ...util import tables
 from ...util.fileio import WriteData, byte_view, pwrite_all, zero_range
 from ..base import BackingRef, HostFile, ImageWriter
 from . import structs as S
-from .reader import read_block_map, read_header
 
 
 class VdiWriter(ImageWriter):
@@ -33,9 +32,9 @@ class VdiWriter(ImageWriter):
         blocks = self.header.cBlocks
         if fixed:
             # static images map block i to host block i (vdi_co_do_create)
-            self.bmap = np.arange(blocks, dtype="<u4")
+            self.bmap = tables.series(4, 0, blocks, 1)
         else:
-            self.bmap = np.full(blocks, S.BLOCK_FREE, dtype="<u4")
+            self.bmap = tables.filled(4, blocks, S.BLOCK_FREE)
         self.allocated = blocks if fixed else 0
         self.map_area = S.block_map_bytes(blocks)
         self.truncate = False
@@ -55,6 +54,10 @@ class VdiWriter(ImageWriter):
     @classmethod
     def open_existing(cls, path: str) -> VdiWriter:
         """Reopen a VDI image to write guest data into it (``convert -n``)."""
+        import numpy as np  # the reader's block map is a numpy array
+
+        from .reader import read_block_map, read_header
+
         host = HostFile(path)
         try:
             header = read_header(host)
@@ -65,7 +68,7 @@ class VdiWriter(ImageWriter):
         self.path = path
         self.header = header
         self.virtual_size = -(-header.cbDisk // S.SECTOR_SIZE) * S.SECTOR_SIZE
-        self.bmap = bmap
+        self.bmap = tables.from_bytes(bmap.tobytes(), 4, "little")
         allocated = bmap[bmap < S.FIRST_UNALLOCATED]
         # new blocks go after the highest one in use, whatever cBlocksAllocated claims
         self.allocated = int(allocated.max()) + 1 if len(allocated) else 0
@@ -137,9 +140,10 @@ class VdiWriter(ImageWriter):
 
     def finish(self) -> None:
         h = self.header
-        in_use = int(np.count_nonzero(self.bmap < S.FIRST_UNALLOCATED))
+        # every entry from FIRST_UNALLOCATED on is BLOCK_ZERO or BLOCK_FREE
+        in_use = len(self.bmap) - self.bmap.count(S.BLOCK_ZERO) - self.bmap.count(S.BLOCK_FREE)
         header = replace(h, cBlocksAllocated=in_use)
-        table = self.bmap.astype("<u4").tobytes()
+        table = tables.to_bytes(self.bmap, "little")
         # whole sectors; an area the map shrank from is cleared of its old entries
         table += bytes(max(S.block_map_bytes(h.cBlocks), self.map_area) - len(table))
         try:

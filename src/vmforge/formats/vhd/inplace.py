@@ -24,6 +24,8 @@ disks, so the rules come from the specification and from what qemu and Hyper-V r
 from __future__ import annotations
 
 import os
+import re
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -31,6 +33,7 @@ import numpy as np
 from ...engine.chain import resolve_backing_path
 from ...errors import CorruptImage, OutputError, UnsupportedFeature, UsageError
 from ...model import align_up
+from ...util import tables
 from ...util.fileio import pwrite_all, zero_range
 from ..base import BackingRef, ImageWriter, OpenOptions
 from . import structs as S
@@ -177,7 +180,8 @@ class DynamicEdit(DynamicWriter):
         self.header_dirty = False
         self.block_size = reader.block_size
         self.bitmap_size = reader.bitmap_size
-        self.bat = reader.bat.copy()
+        # the writer's BAT is an array.array (the reader's, numpy)
+        self.bat = tables.from_bytes(reader.bat.astype("=u4").tobytes(), 4, sys.byteorder)
         self.bat_written = layout.bat_bytes  # bytes of the BAT area as found
         self.layout = layout
         self.next_block = layout.append_at
@@ -228,7 +232,7 @@ class DynamicEdit(DynamicWriter):
             self._zero_tail(last, new_size - last * bs, min(bs, old - last * bs))
             for index in range(new_entries, len(self.bat)):
                 self._free_block(index)
-            self.bat = self.bat[:new_entries].copy()
+            self.bat = self.bat[:new_entries]
             self.header = replace(hdr, max_table_entries=new_entries)
         elif new_size > old:
             if old % bs:  # the old last block's bytes past the old end must read zeros
@@ -251,19 +255,16 @@ class DynamicEdit(DynamicWriter):
         ahead = [a for a, _ in self.layout.locators if a >= table]
         if self.header_at > table:
             ahead.append(self.header_at)
-        used = self.bat[self.bat != S.BAT_UNUSED].astype(np.int64) * S.SECTOR
-        later = used[used > table]
-        if later.size:
-            ahead.append(int(later.min()))
+        later = [e * S.SECTOR for e in self.bat if e != S.BAT_UNUSED and e * S.SECTOR > table]
+        if later:
+            ahead.append(min(later))
         if ahead and table + need > min(ahead):
             # no room: the BAT moves to the end of the file, blocks are appended after it
             self.freed.append((table, self.bat_written))
             table = self.next_block
             self.bat_written = 0
         self.next_block = max(self.next_block, table + need)
-        grown = np.full(entries, S.BAT_UNUSED, dtype=np.uint32)
-        grown[:len(self.bat)] = self.bat
-        self.bat = grown
+        self.bat.extend(tables.filled(4, entries - len(self.bat), S.BAT_UNUSED))
         self.header = replace(hdr, max_table_entries=entries, table_offset=table)
 
     def set_backing(self, backing: BackingRef | None) -> None:
@@ -282,9 +283,9 @@ class DynamicEdit(DynamicWriter):
         ends += [e.platform_data_offset + align_up(e.platform_data_length, S.SECTOR)
                  for e in hdr.parent_locator_entries
                  if e.platform_code != S.PLATFORM_NONE and e.platform_data_length]
-        used = self.bat[self.bat != S.BAT_UNUSED]
-        if used.size:
-            ends.append(int(used.max()) * S.SECTOR + self.bitmap_size + self.block_size)
+        last = max((e for e in self.bat if e != S.BAT_UNUSED), default=None)
+        if last is not None:
+            ends.append(last * S.SECTOR + self.bitmap_size + self.block_size)
         return max(ends)
 
     def _before_metadata(self) -> None:
@@ -294,7 +295,7 @@ class DynamicEdit(DynamicWriter):
         self._store_all_bits()
         self._before_metadata()
         hdr = self.header
-        bat = self.bat.astype(">u4").tobytes()
+        bat = tables.to_bytes(self.bat, "big")
         # unused entries in the BAT's last sector (and in an area it shrank from) are
         # 0xFFFFFFFF, as qemu leaves them
         pad = max(align_up(len(bat), S.SECTOR), self.bat_written) - len(bat)
@@ -398,12 +399,11 @@ class DifferencingEdit(DynamicEdit, DifferencingWriter):
         # A dynamic disk's blocks are read whole: sectors this disk did not hold (they
         # were the parent's) become zeros, and every bit is set as qemu sets them.
         full = b"\xff" * self.bitmap_size
-        for index in np.flatnonzero(self.bat != S.BAT_UNUSED).tolist():
-            bits = self._stored_bits(index)
-            host = int(self.bat[index]) * S.SECTOR + self.bitmap_size
-            edges = np.flatnonzero(np.diff(bits.astype(np.int8))) + 1
-            bounds = [0, *edges.tolist(), len(bits)]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                if not bits[a]:
-                    zero_range(self.fd, host + a * S.SECTOR, (b - a) * S.SECTOR)
-            pwrite_all(self.fd, full, int(self.bat[index]) * S.SECTOR)
+        for index, entry in enumerate(self.bat):
+            if entry == S.BAT_UNUSED:
+                continue
+            host = entry * S.SECTOR + self.bitmap_size
+            for run in re.finditer(rb"\x00+", self._stored_bits(index)):  # sectors not held
+                zero_range(self.fd, host + run.start() * S.SECTOR,
+                           (run.end() - run.start()) * S.SECTOR)
+            pwrite_all(self.fd, full, entry * S.SECTOR)

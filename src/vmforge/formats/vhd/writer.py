@@ -8,6 +8,9 @@ Differencing (qemu-img cannot write these; the layout is VirtualBox's, which Hyp
 accepts): as dynamic, with the parent locators' data between the BAT and the first
 block, and sector bitmaps with only the sectors written here set, so the others fall
 through to the parent.
+
+The BAT is an ``array.array`` and a block's sector bitmap, while kept in memory, one
+byte per sector (util.tables): writing a VHD needs no numpy.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import time
 import uuid
 from dataclasses import replace
 
-import numpy as np
-
 from ...errors import OutputError
+from ...util import tables
 from ...util.fileio import WriteData, byte_view, pwrite_all, zero_range
 from ..base import ImageWriter
 from . import structs as S
@@ -108,15 +110,16 @@ class DynamicWriter(_VpcWriter):
             header_version=S.HEADER_VERSION, max_table_entries=entries,
             block_size=block_size, checksum=0)
         self.bitmap_size = self.header.bitmap_size
-        self.bat = np.full(entries, S.BAT_UNUSED, dtype=np.uint32)
+        self.bat = tables.filled(4, entries, S.BAT_UNUSED)
         bat_bytes = -(-entries * 4 // S.SECTOR) * S.SECTOR
         self.next_block = BAT_OFFSET + bat_bytes  # where the next block's bitmap goes
         # every bit set: all sectors of an allocated block hold data (spec "Data Blocks")
         self.bitmap = b"\xff" * self.bitmap_size
         self.sectors_per_block = block_size // S.SECTOR
-        # block index -> one bool per sector, for blocks whose sector bitmap is being
-        # kept exact (differencing disks; partly-marked blocks of existing dynamic disks)
-        self.present: dict[int, np.ndarray] = {}
+        # block index -> one byte (0 or 1) per sector, for blocks whose sector bitmap is
+        # being kept exact (differencing disks; partly-marked blocks of existing dynamic
+        # disks)
+        self.present: dict[int, bytearray] = {}
         #: False while no block can need exact bitmaps (a new dynamic disk)
         self._may_track = False
 
@@ -140,17 +143,21 @@ class DynamicWriter(_VpcWriter):
                     bits = self.present[index] = self._stored_bits(index)
                     if len(self.present) > _TRACKED_BLOCKS:  # keep memory flat
                         self._evict()
-                bits[inner // S.SECTOR:(inner + n) // S.SECTOR] = True
+                lo, hi = inner // S.SECTOR, (inner + n) // S.SECTOR
+                bits[lo:hi] = b"\x01" * (hi - lo)  # (as long as the slice: stays spb long)
             offset += n
 
-    def _stored_bits(self, index: int) -> np.ndarray:
-        """The sector bitmap of block ``index`` as on disk (all clear for a new block)."""
-        entry = int(self.bat[index])
+    def _stored_bits(self, index: int) -> bytearray:
+        """The sector bitmap of block ``index`` as on disk, one byte (0 or 1) per sector
+        (all clear for a new block)."""
+        entry = self.bat[index]
         if entry == S.BAT_UNUSED:
-            return np.zeros(self.sectors_per_block, dtype=bool)
+            return bytearray(self.sectors_per_block)
         raw = os.pread(self.fd, -(-self.sectors_per_block // 8), entry * S.SECTOR)
-        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:self.sectors_per_block
-                                                                 ].astype(bool)
+        # spec "Block Bitmap": the most significant bit of byte 0 is the block's sector 0
+        bits = tables.unpack_bits(raw, "big")
+        del bits[self.sectors_per_block:]
+        return bits
 
     def _evict(self) -> None:
         """Write out the oldest tracked bitmap of a block already in the file."""
@@ -161,7 +168,7 @@ class DynamicWriter(_VpcWriter):
 
     def _store_bits(self, index: int) -> None:
         bits = self.present.pop(index)
-        packed = np.packbits(bits).tobytes()  # most significant bit = first sector
+        packed = tables.pack_bits(bits, "big")  # most significant bit = first sector
         pwrite_all(self.fd, packed + bytes(self.bitmap_size - len(packed)),
                    int(self.bat[index]) * S.SECTOR)
 
@@ -216,7 +223,7 @@ class DynamicWriter(_VpcWriter):
             offset += n
 
     def finish(self) -> None:
-        bat = self.bat.astype(">u4").tobytes()
+        bat = tables.to_bytes(self.bat, "big")
         pad = -len(bat) % S.SECTOR
         pwrite_all(self.fd, self.footer, 0)
         pwrite_all(self.fd, self.header.sealed(), S.SECTOR)

@@ -36,12 +36,14 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from typing import Any
 
 import numpy as np
 
 from ...engine.chain import resolve_backing_path
 from ...errors import CorruptImage, OutputError, ReadOnlyImage, UnsupportedFeature, UsageError
 from ...model.info import BackingRef
+from ...util import tables
 from ...util.fileio import pwrite_all, zero_range
 from ..base import HostFile, OpenOptions
 from . import structs as S
@@ -115,8 +117,9 @@ class VhdxEditor(VhdxWriter):
         self.ratio = reader.ratio
         self.spb = m.block_size // m.logical_sector_size
         self.blocks = reader.blocks
-        self.bat = np.array(reader.bat, dtype="<u8")
-        self.old_bat = self.bat.tobytes()
+        # the writer's BAT is an array.array; whole-table steps here see it through _view
+        self.bat = tables.from_bytes(reader.bat.astype("<u8").tobytes(), 8, "little")
+        self.old_bat = tables.to_bytes(self.bat, "little")
         self.parent: ParentInfo | None = None
         self.backing = reader.backing
         self.locator = m.parent_locator
@@ -129,11 +132,12 @@ class VhdxEditor(VhdxWriter):
         self.bitmaps: dict[int, int] = {}
         self._index()
         ends = [reader.host_file.size]
-        states = self.bat[self.payload_idx] & np.uint64(S.BAT_STATE_MASK)
+        bat = self._view()
+        states = bat[self.payload_idx] & np.uint64(S.BAT_STATE_MASK)
         present = (states == S.PAYLOAD_BLOCK_FULLY_PRESENT) | \
                   (states == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
         if present.any():
-            top = int((self.bat[self.payload_idx][present]
+            top = int((bat[self.payload_idx][present]
                        & np.uint64(S.BAT_FILE_OFFSET_MASK)).max())
             ends.append(top + self.block_size)
         if self.parent is not None:
@@ -164,7 +168,7 @@ class VhdxEditor(VhdxWriter):
         offset; writing one should use that place, not grow the file. An offset is used
         only when it lies in the file, clear of every region, and no other entry names it.
         """
-        entries = self.bat[self.payload_idx]
+        entries = self._view()[self.payload_idx]
         offsets = (entries & np.uint64(S.BAT_FILE_OFFSET_MASK)).astype(np.int64)
         states = entries & np.uint64(S.BAT_STATE_MASK)
         named = offsets[offsets > 0]
@@ -186,6 +190,10 @@ class VhdxEditor(VhdxWriter):
         zero_range(self.fd, at, self.block_size)  # it read zeros until now
         self._set(blk, at, S.PAYLOAD_BLOCK_FULLY_PRESENT)
         return at
+
+    def _view(self) -> np.ndarray[Any, Any]:
+        """The BAT as a numpy array sharing its memory (changes reach the BAT)."""
+        return np.frombuffer(self.bat, dtype=np.uint64)
 
     def _index(self) -> None:
         idx = np.arange(self.blocks, dtype=np.int64)
@@ -258,9 +266,8 @@ class VhdxEditor(VhdxWriter):
                 n = min(bs, new_size - last * bs) - inner
                 zero_range(self.fd, (e & S.BAT_FILE_OFFSET_MASK) + inner, n)
         self._free_blocks(blocks, old_blocks)  # blocks past a shrink go
-        bat = np.zeros(entries, dtype="<u8")
-        keep = min(entries, len(self.bat))
-        bat[:keep] = self.bat[:keep]
+        bat = self.bat[:entries]  # (a copy) zero-extended to the new entry count
+        bat.frombytes(bytes(8 * (entries - len(bat))))
         self.bat, self.blocks, self.virtual_size = bat, blocks, new_size
         self._index()
         if blocks > old_blocks:
@@ -271,12 +278,12 @@ class VhdxEditor(VhdxWriter):
                 os.ftruncate(self.fd, self.end)  # sparse, as qemu creates fixed disks
             else:
                 grown = self.payload_idx[old_blocks:]
-                self.bat[grown] = S.PAYLOAD_BLOCK_ZERO
+                self._view()[grown] = S.PAYLOAD_BLOCK_ZERO
         self.meta_changed = True
 
     def _present(self, first: int, last: int) -> list[int]:
         """Blocks in ``[first, last)`` stored in the file (FULLY or PARTIALLY_PRESENT)."""
-        states = self.bat[self.payload_idx[first:last]] & np.uint64(S.BAT_STATE_MASK)
+        states = self._view()[self.payload_idx[first:last]] & np.uint64(S.BAT_STATE_MASK)
         hit = (states == S.PAYLOAD_BLOCK_FULLY_PRESENT) | \
               (states == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
         return [first + int(b) for b in np.flatnonzero(hit)]
@@ -285,7 +292,7 @@ class VhdxEditor(VhdxWriter):
         """Blocks ``[first, last)`` become NOT_PRESENT; their space becomes holes."""
         for blk in self._present(first, last):
             self.holes.append((self._entry(blk) & S.BAT_FILE_OFFSET_MASK, self.block_size))
-        self.bat[self.payload_idx[first:last]] = S.PAYLOAD_BLOCK_NOT_PRESENT
+        self._view()[self.payload_idx[first:last]] = S.PAYLOAD_BLOCK_NOT_PRESENT
         for table in (self.counts, self.reusable):
             for blk in [b for b in table if first <= b < last]:
                 del table[blk]
@@ -356,13 +363,14 @@ class VhdxEditor(VhdxWriter):
                                           "(vmforge convert -O vhdx)")
         self._modify(data=False)
         if self.parent is None:
-            states = self.bat[self.payload_idx] & np.uint64(S.BAT_STATE_MASK)
+            view = self._view()
+            states = view[self.payload_idx] & np.uint64(S.BAT_STATE_MASK)
             absent = self.payload_idx[(states == S.PAYLOAD_BLOCK_NOT_PRESENT)
                                       | np.isin(states, np.array(HIDING_STATES, dtype="<u8"))]
-            self.bat[absent] = S.PAYLOAD_BLOCK_ZERO
+            view[absent] = S.PAYLOAD_BLOCK_ZERO
             _, entries = S.bat_entry_count(self.virtual_size, self.block_size, self.sector, True)
-            bat = np.zeros(entries, dtype="<u8")
-            bat[:len(self.bat)] = self.bat
+            bat = self.bat[:]  # (a copy: the view above still shares self.bat's memory)
+            bat.frombytes(bytes(8 * (entries - len(bat))))
             self.bat = bat
         self.parent = info
         self.backing = BackingRef(info.relative_path, "vhdx")
@@ -372,8 +380,9 @@ class VhdxEditor(VhdxWriter):
     def _flatten(self) -> None:
         self._modify(data=False)
         sec = self.sector
-        states = self.bat[self.payload_idx] & np.uint64(S.BAT_STATE_MASK)
-        self.bat[self.payload_idx[states == S.PAYLOAD_BLOCK_NOT_PRESENT]] = S.PAYLOAD_BLOCK_ZERO
+        view = self._view()
+        states = view[self.payload_idx] & np.uint64(S.BAT_STATE_MASK)
+        view[self.payload_idx[states == S.PAYLOAD_BLOCK_NOT_PRESENT]] = S.PAYLOAD_BLOCK_ZERO
         for blk in np.flatnonzero(states == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT).tolist():
             e = self._entry(blk)
             at, nbytes = self._block_bits(blk)
@@ -390,7 +399,7 @@ class VhdxEditor(VhdxWriter):
         self._drop_bitmaps()
         self.counts = {}
         _, entries = S.bat_entry_count(self.virtual_size, self.block_size, self.sector, False)
-        self.bat = self.bat[:entries].copy()
+        self.bat = self.bat[:entries]
         self.parent = None
         self.backing = None
         self._set_locator(None)
@@ -456,7 +465,7 @@ class VhdxEditor(VhdxWriter):
         fd = self.fd
         os.fsync(fd)  # the data before anything that points at it
         pages: dict[int, bytes] = {}
-        new = self.bat.tobytes()
+        new = tables.to_bytes(self.bat, "little")
         moved = len(new) > self.bat_region.length
         old_region = self.bat_region
         if moved:
@@ -507,7 +516,7 @@ class VhdxEditor(VhdxWriter):
         """Cut the file after the last byte still in use (freed blocks at the end)."""
         used = [r.file_offset + r.length for r in self.regions]
         used.append(self.header.log_offset + self.header.log_length)
-        entries = self.bat[self.payload_idx]
+        entries = self._view()[self.payload_idx]
         states = entries & np.uint64(S.BAT_STATE_MASK)
         present = (states == S.PAYLOAD_BLOCK_FULLY_PRESENT) | \
                   (states == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT)

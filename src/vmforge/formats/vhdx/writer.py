@@ -13,6 +13,9 @@ the higher sequence number. Unwritten blocks are ZERO (block_state_zero=on, QEMU
 default) or NOT_PRESENT; in a differencing disk they are always NOT_PRESENT (the
 parent shows through), and a block only partly written is PARTIALLY_PRESENT with its
 written sectors set in the chunk's sector bitmap.
+
+The BAT is an ``array.array`` of host-order entries (util.tables), written
+little-endian: writing a VHDX needs no numpy.
 """
 
 from __future__ import annotations
@@ -22,14 +25,12 @@ import random
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
-
 from ...engine.chain import resolve_backing_path
 from ...errors import OptionError, OutputError
+from ...util import tables
 from ...util.fileio import WriteData, byte_view, pwrite_all, zero_range
 from ..base import BackingRef, ImageWriter, OpenOptions
 from . import structs as S
-from .reader import VhdxReader
 
 SECTOR = 512  # logical and physical sector size written, as qemu-img writes them
 LOG_OFFSET = S.HEADER_SECTION_SIZE
@@ -66,6 +67,8 @@ def parent_info(path: str, backing: BackingRef) -> tuple[ParentInfo, int]:
     if backing.format != "vhdx":
         raise OptionError("a VHDX differencing disk needs a VHDX parent", option="backing_fmt",
                           hint="convert the parent to vhdx first, or use -O qcow2")
+    from .reader import VhdxReader
+
     target = resolve_backing_path(path, backing.filename)
     parent = VhdxReader(target, OpenOptions())
     try:
@@ -103,22 +106,24 @@ class VhdxWriter(ImageWriter):
         self.bat_length = _align(max(room, 1) * 8)
         self.meta_offset = self.bat_offset + self.bat_length
         self.data_start = self.meta_offset + S.MiB + SPARE_AFTER_METADATA
-        self.bat = np.zeros(entries, dtype="<u8")
+        self.bat = tables.zeros(8, entries)
         self.spb = block_size // self.sector
         #: sectors stored so far of blocks only partly written (differencing disks); the
         #: bits themselves live in the file's sector bitmap blocks, so memory stays flat
         self.counts: dict[int, int] = {}
         self.bitmaps: dict[int, int] = {}  # chunk -> file offset of its sector bitmap block
-        idx = np.arange(self.blocks, dtype=np.int64)
-        self.payload_idx = idx + idx // self.ratio
-        if fixed:
-            offsets = self.data_start + idx.astype(np.uint64) * np.uint64(block_size)
-            self.bat[self.payload_idx] = offsets | np.uint64(S.PAYLOAD_BLOCK_FULLY_PRESENT)
-            self.end = self.data_start + self.blocks * block_size
-        else:
-            if zero_state and parent is None:
-                self.bat[self.payload_idx] = S.PAYLOAD_BLOCK_ZERO
-            self.end = self.data_start
+        # payload entries come in chunks of ``ratio``, each followed by a sector bitmap
+        # entry (2.5): one slice per chunk
+        for first in range(0, self.blocks, self.ratio):
+            n = min(self.ratio, self.blocks - first)
+            at = first + first // self.ratio
+            if fixed:
+                self.bat[at:at + n] = tables.series(
+                    8, (self.data_start + first * block_size) | S.PAYLOAD_BLOCK_FULLY_PRESENT,
+                    n, block_size)
+            elif zero_state and parent is None:
+                self.bat[at:at + n] = tables.filled(8, n, S.PAYLOAD_BLOCK_ZERO)
+        self.end = self.data_start + (self.blocks * block_size if fixed else 0)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as err:
@@ -132,10 +137,10 @@ class VhdxWriter(ImageWriter):
     # -- blocks ------------------------------------------------------------------------------
 
     def _entry(self, blk: int) -> int:
-        return int(self.bat[self.payload_idx[blk]])
+        return self.bat[blk + blk // self.ratio]
 
     def _set(self, blk: int, offset: int, state: int) -> None:
-        self.bat[self.payload_idx[blk]] = offset | state
+        self.bat[blk + blk // self.ratio] = offset | state
 
     def _host(self, blk: int) -> int:
         """File offset of block ``blk``, allocating it at the end of the file if needed."""
@@ -197,20 +202,18 @@ class VhdxWriter(ImageWriter):
                 return
             # a block an earlier session left partly present: count what it stores
             at, nbytes = self._block_bits(blk)
-            self.counts[blk] = int(np.unpackbits(np.frombuffer(
-                os.pread(self.fd, nbytes, at), np.uint8)).sum())
+            self.counts[blk] = int.from_bytes(os.pread(self.fd, nbytes, at)).bit_count()
         sector = self.sector
         chunk, within = divmod(blk, self.ratio)
         first = within * self.spb + inner // sector
         last = within * self.spb + -(-(inner + n) // sector)
         b0, b1 = first // 8, -(-last // 8)
         at = self._bitmap(chunk) + b0
-        bits = np.unpackbits(np.frombuffer(os.pread(self.fd, b1 - b0, at), np.uint8),
-                             bitorder="little")
-        span = bits[first - b0 * 8:last - b0 * 8]
-        newly = len(span) - int(span.sum())
-        span[:] = 1
-        pwrite_all(self.fd, np.packbits(bits, bitorder="little").tobytes(), at)
+        # read as one little-endian number, bit k of the bytes is bit k of the number
+        bits = int.from_bytes(os.pread(self.fd, b1 - b0, at).ljust(b1 - b0, b"\0"), "little")
+        span = ((1 << (last - first)) - 1) << (first - b0 * 8)
+        newly = (span & ~bits).bit_count()
+        pwrite_all(self.fd, (bits | span).to_bytes(b1 - b0, "little"), at)
         self.counts[blk] += newly
         if self.counts[blk] == self.spb:
             del self.counts[blk]
@@ -297,7 +300,7 @@ class VhdxWriter(ImageWriter):
             S.RegionEntry(S.METADATA_GUID, self.meta_offset, S.MiB, S.REGION_REQUIRED)])
         pwrite_all(self.fd, regions, S.REGION_TABLE1_OFFSET)
         pwrite_all(self.fd, regions, S.REGION_TABLE2_OFFSET)
-        pwrite_all(self.fd, self.bat.tobytes(), self.bat_offset)
+        pwrite_all(self.fd, tables.to_bytes(self.bat, "little"), self.bat_offset)
         pwrite_all(self.fd, self._metadata(), self.meta_offset)
         os.ftruncate(self.fd, _align(self.end))
         os.close(self.fd)

@@ -11,6 +11,9 @@ by ``finish``.
 Multi-file outputs name their extents by the final destination's name (out-flat.vmdk,
 out-s001.vmdk, out-f001.vmdk, as qemu does) but are written under temporary names
 registered with util.companions, so nothing appears under a final name half-written.
+
+Grain tables are an ``array.array`` (util.tables), written little-endian straight from
+memory: writing a VMDK needs no numpy.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
 from ...engine.chain import resolve_backing_path
 from ...errors import ImageError, OptionError, OutputError, UnsupportedFeature
+from ...util import tables
 from ...util.companions import pending_output
 from ...util.fileio import FileSpan, WriteData, byte_view, pwrite_all, zero_range
 from ..base import BackingRef, ImageWriter, OpenOptions
@@ -168,7 +170,7 @@ class _SparseFile:
             descriptor_size=S.DEFAULT_DESCRIPTOR_SIZE, rgd_offset=rgd, gd_offset=gd,
             over_head=over_head)
         self.zeroed_grain = zeroed_grain
-        self.gte = np.zeros(gt_count * S.DEFAULT_NUM_GTES_PER_GT, dtype="<u4")
+        self.gte = tables.zeros(4, gt_count * S.DEFAULT_NUM_GTES_PER_GT)
         self.next_sector = over_head
         self.grain = S.DEFAULT_GRAIN_SECTORS * SECTOR
 
@@ -186,7 +188,7 @@ class _SparseFile:
         while len(data):
             index, inner = divmod(offset, self.grain)
             n = min(len(data), self.grain - inner)
-            sector = int(self.gte[index])
+            sector = self.gte[index]
             if sector in (S.GTE_UNALLOCATED, S.GTE_ZEROED):
                 sector = self._allocate(index)
                 if inner or n < self.grain:
@@ -209,7 +211,7 @@ class _SparseFile:
         while offset < end:
             index, inner = divmod(offset, self.grain)
             n = min(end - offset, self.grain - inner)
-            entry = int(self.gte[index])
+            entry = self.gte[index]
             if self.zeroed_grain and inner == 0 and n == self.grain:
                 if entry not in (S.GTE_UNALLOCATED, S.GTE_ZEROED):
                     zero_range(self.fd, entry * SECTOR, self.grain)
@@ -223,16 +225,17 @@ class _SparseFile:
     def finish(self, descriptor: bytes | None) -> None:
         h = self.header
         gd_bytes = self.gd_sectors * SECTOR
-        tables = self.gte.tobytes()
-        table_bytes = self.gt_sectors * SECTOR
+        gts = tables.stored_view(self.gte, "little")
+        gts_bytes = self.gt_count * self.gt_sectors * SECTOR
         for gd_at in (h.rgdOffset, h.gdOffset):
             first_gt = gd_at + self.gd_sectors
-            gd = np.arange(self.gt_count, dtype="<u4") * self.gt_sectors + first_gt
-            raw = gd.astype("<u4").tobytes()
+            gd = tables.series(4, first_gt, self.gt_count, self.gt_sectors)
+            raw = tables.to_bytes(gd, "little")
             pwrite_all(self.fd, raw + bytes(gd_bytes - len(raw)), gd_at * SECTOR)
-            if tables:
-                pwrite_all(self.fd, tables + bytes(self.gt_count * table_bytes - len(tables)),
-                           first_gt * SECTOR)
+            if len(gts):
+                pwrite_all(self.fd, gts, first_gt * SECTOR)
+            if gts_bytes > len(gts):  # zeros to the end of the last table's sectors
+                pwrite_all(self.fd, bytes(gts_bytes - len(gts)), first_gt * SECTOR + len(gts))
         pwrite_all(self.fd, h.pack(), 0)
         if descriptor is not None:
             pwrite_all(self.fd, descriptor, h.descriptorOffset * SECTOR)

@@ -1,0 +1,143 @@
+"""Tables of fixed-width unsigned integers (L1/L2, BAT, grain tables) without numpy.
+
+Writers keep their tables in :class:`array.array`: importing numpy costs a new
+``vmforge convert`` 70-100 ms, more than the rest of its start-up, and a writer only
+fills, updates and serialises its tables, which ``array`` does in C (``bytes(n)``
+initialisers, ``array * n``, slice assignment, ``byteswap``).
+
+An array has no byte order of its own: its items are C integers in the host's order.
+Tables stay in host order in memory, so that reading or updating an entry is plain
+indexing, and the on-disk order is applied at the boundary: a big-endian table (qcow2
+L1/L2 and refcount table, VHD BAT) read on a little-endian host is byte-swapped once
+by :func:`from_bytes`, and :func:`to_bytes` swaps a copy when writing it out (one C
+pass over the table, leaving the table itself as it was).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from typing import Literal
+
+Order = Literal["little", "big"]
+
+#: array typecode of each width in bytes. The C types behind 'I' and 'L' differ in
+#: size between platforms, so the codes are chosen by their item size here.
+_CODES: dict[int, str] = {}
+for _code in "QLIHB":
+    _CODES[array(_code).itemsize] = _code
+del _code
+
+
+def typecode(width: int) -> str:
+    """The array typecode of unsigned integers of ``width`` bytes (1, 2, 4 or 8)."""
+    return _CODES[width]
+
+
+def zeros(width: int, count: int) -> array[int]:
+    """``count`` zero entries of ``width`` bytes each."""
+    return array(_CODES[width], bytes(width * count))
+
+
+def filled(width: int, count: int, value: int) -> array[int]:
+    """``count`` entries of ``width`` bytes, each ``value``."""
+    return array(_CODES[width], [value]) * count
+
+
+def series(width: int, start: int, count: int, step: int) -> array[int]:
+    """``start, start + step, ...``: ``count`` entries of ``width`` bytes.
+
+    Built without a Python integer per entry (which costs ~90 ns each for entries
+    with high flag bits set, such as qcow2's COPIED bit): a Python int holding the
+    entries as little-endian lanes of ``width`` bytes is added lane by lane by
+    CPython's big-integer addition, since no lane carries into the next while every
+    entry fits its width (checked first, as array would).
+    """
+    if step == 0:
+        return filled(width, count, start)
+    if count < 64 or step < 0:
+        return array(_CODES[width], range(start, start + count * step, step))
+    last = start + (count - 1) * step
+    if start < 0 or last >> (8 * width):
+        raise OverflowError(f"{last} does not fit in {width} bytes")
+    ramp, ones = _lanes(width, step, count)
+    lanes = ramp + start * ones
+    return from_bytes(lanes.to_bytes(width * count, "little"), width, "little")
+
+
+def _lanes(width: int, step: int, count: int) -> tuple[int, int]:
+    """``0, step, 2*step, ...`` and ``1, 1, 1, ...`` (``count`` lanes) as little-endian
+    ints, kept for reuse: a writer asks for a few shapes (a whole L2 table...) often."""
+    key = (width, step, count)
+    found = _LANES.get(key)
+    if found is None:
+        ramp = array(_CODES[width], range(0, count * step, step))
+        if sys.byteorder != "little":
+            ramp.byteswap()
+        found = (int.from_bytes(ramp.tobytes(), "little"),
+                 int.from_bytes((1).to_bytes(width, "little") * count, "little"))
+        if len(_LANES) >= 16:
+            _LANES.clear()
+        _LANES[key] = found
+    return found
+
+
+#: (width, step, count) -> lanes for series()
+_LANES: dict[tuple[int, int, int], tuple[int, int]] = {}
+
+
+def from_bytes(data: bytes | bytearray | memoryview, width: int, order: Order) -> array[int]:
+    """A table stored in ``order`` (its length a multiple of ``width``) as host integers."""
+    table = array(_CODES[width])
+    table.frombytes(data)
+    if order != sys.byteorder:
+        table.byteswap()
+    return table
+
+
+def to_bytes(table: array[int], order: Order) -> bytes:
+    """The table's bytes in ``order``; the table itself is left as it is."""
+    if order == sys.byteorder:
+        return table.tobytes()
+    swapped = table[:]
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def stored_view(table: array[int], order: Order) -> bytes | memoryview:
+    """The table's bytes in ``order`` for writing out: a view of the table itself (no
+    copy) when the host stores integers that way, else a byte-swapped copy. A grain
+    table of a large disk is then written without a second copy of it in memory."""
+    if order == sys.byteorder:
+        return memoryview(table).cast("B")
+    return to_bytes(table, order)
+
+
+def unpack_bits(data: bytes | bytearray, bitorder: Order) -> bytearray:
+    """One byte, 0 or 1, per bit of ``data`` (8 per byte), as ``numpy.unpackbits`` gives.
+
+    ``bitorder`` "big" takes each byte's most significant bit first, "little" its least
+    significant. Eight C-level passes (a translate and a strided copy each), whatever
+    the length: a sector bitmap of a few KiB costs microseconds.
+    """
+    out = bytearray(8 * len(data))
+    for j in range(8):
+        out[j::8] = data.translate(_BIT[7 - j if bitorder == "big" else j])
+    return out
+
+
+def pack_bits(flags: bytes | bytearray, bitorder: Order) -> bytes:
+    """Inverse of :func:`unpack_bits`: ``flags`` holds 0 or 1 per byte; a last partial
+    byte is padded with clear bits."""
+    if len(flags) % 8:
+        flags = bytes(flags) + bytes(8 - len(flags) % 8)
+    packed = 0
+    for j in range(8):
+        # every byte of the plane is 0 or 1: shifting the whole number moves each
+        # byte's bit within that byte, never into the next
+        packed |= int.from_bytes(flags[j::8], "big") << (7 - j if bitorder == "big" else j)
+    return packed.to_bytes(len(flags) // 8, "big")
+
+
+#: _BIT[s][b] is bit s of byte b
+_BIT = [bytes((b >> s) & 1 for b in range(256)) for s in range(8)]
