@@ -163,14 +163,23 @@ def migrate(st: VmState, uri: str, *, timeout: float = 300.0) -> Migrated:
 
 def _wait_migration(src_qmp: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
+    unfilled_since = 0.0
     while True:
         info: dict[str, Any] = qmp(src_qmp, "query-migrate")
         status = info.get("status")
         # A QEMU that itself arrived by migration reports its incoming side as
         # "completed" (qmp_query_migrate fills the destination state last), so only a
-        # completion with the outgoing side's total-time is this migration's end.
+        # completion with the outgoing side's total-time is this migration's end. QEMU
+        # 7.2 also sets "completed" in the migration thread before it computes the
+        # times (migration_iteration_finish), so a query in between reads total-time
+        # and downtime 0: poll until the times are filled in (a real migration takes
+        # milliseconds at least), for a second at most.
         if status == "completed" and "total-time" in info:
-            return info
+            if info["total-time"] > 0:
+                return info
+            unfilled_since = unfilled_since or time.monotonic()
+            if time.monotonic() - unfilled_since > 1.0:
+                return info
         if status in ("failed", "cancelled"):
             raise MachineError(f"the migration {status}: {info.get('error-desc', 'no reason given')}")
         if time.monotonic() > deadline:
