@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..engine.stream import ExtentStream
 from .image import Image
 
@@ -26,8 +24,10 @@ def _sector(offset: int) -> int:
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
-    diff = np.flatnonzero(np.frombuffer(a, np.uint8) != np.frombuffer(b, np.uint8))
-    return int(diff[0])
+    """The index of the first byte where two different, equally long buffers differ: the
+    highest set bit of their XOR read as big-endian numbers (C-level, no numpy import)."""
+    x = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+    return len(a) - (x.bit_length() + 7) // 8
 
 
 def _zero_runs(image: Image, start: int, end: int) -> list[tuple[int, int, bool]]:
@@ -87,7 +87,7 @@ def compare(a: Image, b: Image, *, strict: bool = False) -> CompareResult:
                 n = min(CHUNK, end - p)
                 data = stream.read(p, n)
                 if data.count(0) != n:
-                    off = _sector(p + int(np.flatnonzero(np.frombuffer(data, np.uint8))[0]))
+                    off = _sector(p + n - len(data.lstrip(b"\0")))
                     return CompareResult(False, off, True, f"Content mismatch at offset {off}!")
                 p += n
         return CompareResult(True, None, True, "Images are identical.")

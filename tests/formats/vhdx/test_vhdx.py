@@ -252,7 +252,7 @@ def test_dirty_log_replayed_in_memory(dirty, tmp_path):
     # the replayed BAT differs from the stale one on disk: the log really was applied
     with vmforge.open_image(str(repaired)) as fixed, \
             vmforge.open_image(str(path), replay_log=True) as mine:
-        assert (fixed.top.bat == mine.top.bat).all()  # type: ignore[attr-defined]
+        assert fixed.top.bat == mine.top.bat  # type: ignore[attr-defined]
         assert mine.top.log_replayed  # type: ignore[attr-defined]
         at = mine.top.bat_region.file_offset  # type: ignore[attr-defined]
         with open(path, "rb") as f:

@@ -86,6 +86,27 @@ def test_chain_reads_like_the_qcow2_chain(chain, tmp_path):
             assert img.read(off, n) == expected[off:off + n]
 
 
+def test_chain_reads_without_numpy(chain, tmp_path):
+    """Converting, mapping and checking the differencing chain (sector bitmaps, parents)
+    imports no numpy: the VHDX reader's BAT scan is array.array and C searches (issue 5)."""
+    import re
+
+    from tests.cli.test_startup import offenders, probe
+
+    out = tmp_path / "flat.raw"
+    top = str(chain["top"])
+    result = probe([("convert", "main", ["convert", "-O", "raw", top, str(out)]),
+                    ("map", "main", ["map", "--output=json", top]),
+                    ("info", "main", ["info", "--backing-chain", top]),
+                    ("check", "main", ["check", top])])
+    for step in result["steps"]:
+        assert step["code"] == 0, step
+    assert_same_bytes(out, chain["expected"])
+    assert "vmforge.formats.vhdx.reader" in result["steps"][0]["new"]
+    numpy = offenders(result, re.compile(r"^numpy$"))
+    assert not numpy, "reading a VHDX chain imported numpy:\n" + "\n".join(numpy)
+
+
 def test_chain_uses_partially_present_blocks(chain):
     def states(path: Path) -> list[int]:
         with vmforge.open_image(str(path), follow_backing=False) as img:

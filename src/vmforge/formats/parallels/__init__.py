@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ...util.lazy import LazyModule, lazy_package
 from ..base import Capabilities, Format
 
-# the reader (and numpy) load on first use: registering and probing need neither
+# the reader loads on first use: registering and probing do not need it
 lazy_package(__name__, {"ParallelsReader": ".reader"})
 
 if TYPE_CHECKING:

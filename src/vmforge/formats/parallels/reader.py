@@ -5,19 +5,26 @@ fixed caps and the file size before the BAT is allocated. Where qemu is lenient 
 hostile input (a BAT past the end of the file reads as zeros there), vmforge refuses.
 Clusters past the end of the file are refused when read (TruncatedImage); qemu reads
 zeros there. The Format Extension (dirty bitmaps) carries no guest data and is ignored.
+The BAT is an ``array.array`` walked run by run (table_runs.py): no numpy.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
-
-import numpy as np
 
 from ...errors import CorruptImage, FormatMismatch, LimitExceeded, TruncatedImage
 from ...model import Extent, ExtentKind
 from ...model.info import ImageInfo
+from ...util import tables
 from ..base import ByteSource, HostFile, ImageReader, OpenOptions
+from ..table_runs import runs
 from . import structs as S
+
+#: a BAT entry of 0: the cluster is not allocated (parallels.txt, the BAT; bat2sect)
+_GAPS = (0,)
+#: BAT entries are 32-bit: a run of contiguous clusters ends below this
+_ENTRY_LIMIT = 1 << 32
 
 
 def read_header(host: ByteSource) -> S.Header:
@@ -52,10 +59,9 @@ def read_header(host: ByteSource) -> S.Header:
     return h
 
 
-def read_bat(host: HostFile, h: S.Header) -> np.ndarray:
-    """The BAT as a little-endian uint32 array (size validated by read_header)."""
-    raw = host.pread(S.HEADER_SIZE, h.bat_entries * 4)
-    return np.frombuffer(raw, dtype="<u4")
+def read_bat(host: HostFile, h: S.Header) -> array[int]:
+    """The BAT as host-order integers (size validated by read_header)."""
+    return tables.from_bytes(host.pread(S.HEADER_SIZE, h.bat_entries * 4), 4, "little")
 
 
 class ParallelsReader(ImageReader):
@@ -96,25 +102,16 @@ class ParallelsReader(ImageReader):
         if start >= end:
             return
         cs = self.cluster_size
-        # the table classified at once with numpy: a run breaks where allocation changes
-        # or data stops being contiguous on the host (qemu's block_status merges those)
-        entries = self.bat[first:last].astype(np.uint64)
-        hosts = entries * np.uint64(self.unit)
-        allocated = entries != 0
-        brk = np.ones(len(hosts), dtype=bool)
-        if len(hosts) > 1:
-            same = allocated[1:] == allocated[:-1]
-            contiguous = hosts[1:] == hosts[:-1] + np.uint64(cs)
-            brk[1:] = ~(same & (~allocated[1:] | contiguous))
-        starts = np.flatnonzero(brk).tolist()
-        for i, a in enumerate(starts):
-            b = starts[i + 1] if i + 1 < len(starts) else len(hosts)
-            g_start = max(start, (first + a) * cs)
-            g_end = min(end, (first + b) * cs)
-            if not allocated[a]:
+        # a run breaks where allocation changes or data stops being contiguous on the
+        # host (qemu's block_status merges those); the entry unit divides the cluster
+        step = cs // self.unit
+        for a, b, entry in runs(self.bat, first, last, step, _GAPS, _ENTRY_LIMIT):
+            g_start = max(start, a * cs)
+            g_end = min(end, b * cs)
+            if not entry:
                 yield Extent(g_start, g_end - g_start, ExtentKind.UNALLOCATED)
             else:
-                host = int(hosts[a]) + (g_start - (first + a) * cs)
+                host = entry * self.unit + (g_start - a * cs)
                 yield Extent(g_start, g_end - g_start, ExtentKind.DATA, host_offset=host)
 
     def read_host(self, extent: Extent, buf: memoryview) -> None:

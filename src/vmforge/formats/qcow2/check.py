@@ -166,7 +166,7 @@ def _count_l1(reader: Qcow2Reader, refs: _Refs, res: CheckResult, l1_offset: int
                                 "L1 entry corrupted")
             continue
         refs.add_range(l2_off, cs)
-        table = reader.l2_table(l2_off)
+        table = np.frombuffer(reader.l2_table(l2_off), dtype=np.uint64)
         w = 2 if geo.extended_l2 else 1
         std = table[::w]
         compressed = (std & np.uint64(S.OFLAG_COMPRESSED)) != 0
@@ -305,7 +305,7 @@ def _check_copied(reader: Qcow2Reader, stored: np.ndarray[Any, Any], res: CheckR
                                 f"l1_entry={l1e:x} refcount={rc}")
         if has_data_file:
             continue
-        std = reader.l2_table(l2_off)[::w]
+        std = np.frombuffer(reader.l2_table(l2_off), dtype=np.uint64)[::w]
         offsets = std & np.uint64(S.L2E_OFFSET_MASK)
         normal = ((std & np.uint64(S.OFLAG_COMPRESSED)) == 0) & (offsets != 0)
         normal &= (offsets % np.uint64(cs)) == 0

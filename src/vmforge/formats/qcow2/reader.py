@@ -1,14 +1,20 @@
 """Reading qcow2 (versions 2 and 3): L1/L2 mapping, snapshots, host-file layout.
 
-The header is validated in header.py before anything here allocates a table. L2
-tables are classified with numpy, a whole table at a time, so the cost follows the
-number of runs, not of clusters.
+The header is validated in header.py before anything here allocates a table. Tables
+are ``array.array`` of host-order integers (util/tables.py), not numpy arrays: opening
+an image to convert or map it then costs no numpy import (~0.09 s of start-up here).
+An L2 table is scanned run by run, not entry by entry: a run of entries that step
+evenly (contiguous data, unallocated or zero clusters) is measured by comparing whole
+slices of the table with the expected series, a few C-level compares per run, so the
+cost follows the number of runs, not of clusters.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -25,21 +31,27 @@ from ...errors import (
 from ...model import Extent, ExtentKind
 from ...model.check import CheckResult
 from ...model.info import ImageInfo, SnapshotInfo
+from ...util import tables
 from ..base import BackingRef, HostFile, ImageReader, OpenOptions, file_data_runs
 from . import structs as S
 from .header import Geometry, check_table, parse_extensions, read_header
 
 if TYPE_CHECKING:
     import numpy as np
-else:  # numpy loads with the first table read: ``vmforge info`` reads none
-    from ...util.lazy import LazyModule
-
-    np = LazyModule("numpy")
 
 _L2_CACHE_TABLES = 64
 
-# unit kinds used in the vectorised scan
+# unit kinds of the L2 scan
 _UNALLOC, _DATA, _ZERO, _COMPRESSED = 0, 1, 2, 3
+#: host offsets end below this (bits 9-55 of a descriptor, qcow2.txt "Cluster mapping")
+_HOST_LIMIT = 1 << 56
+#: an extended L2 bitmap (qcow2.txt "Extended L2 Entries"): bits 0-31 say a subcluster
+#: is allocated, bits 32-63 that it reads as zeros
+_ALL_ALLOCATED = (1 << S.EXTL2_SUBCLUSTERS) - 1
+_ALL_ZERO = _ALL_ALLOCATED << S.EXTL2_SUBCLUSTERS
+
+#: (start unit, end unit, kind, host offset of the first unit or 0, raw descriptor)
+Run = tuple[int, int, int, int, int]
 
 
 class Qcow2Reader(ImageReader):
@@ -93,12 +105,12 @@ class Qcow2Reader(ImageReader):
                 raise CorruptImage("snapshot L1 table is too small for its disk size", path=self.path)
         # bounds-checked by read_header/check_table above; read when first needed
         self._l1_at = (l1_offset, l1_size)
-        self._l1: np.ndarray[Any, Any] | None = None
-        self._l2_cache: OrderedDict[int, np.ndarray[Any, Any]] = OrderedDict()
+        self._l1: array[int] | None = None
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_lock = threading.Lock()
         self._prealloc: bool | None = None
-        self._metadata: np.ndarray[Any, Any] | None = None
-        self._reftable: np.ndarray[Any, Any] | None = None  # the copy pipeline maps from several threads
+        self._metadata: list[int] | None = None
+        self._reftable: array[int] | None = None  # the copy pipeline maps from several threads
 
     def _open_data_file(self, options: OpenOptions) -> None:
         if not self.data_file_name:
@@ -131,15 +143,16 @@ class Qcow2Reader(ImageReader):
         return matches[0]
 
     @property
-    def l1(self) -> np.ndarray[Any, Any]:
+    def l1(self) -> array[int]:
         """The L1 table in use (the active one, or the opened snapshot's)."""
         if self._l1 is None:
             self._l1 = self.read_l1(*self._l1_at)
         return self._l1
 
-    def read_l1(self, offset: int, count: int) -> np.ndarray[Any, Any]:
+    def read_l1(self, offset: int, count: int) -> array[int]:
+        """An L1 table as host-order integers (bounds checked by the caller)."""
         raw = self.host.pread(offset, count * 8) if count else b""
-        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        return tables.from_bytes(raw, 8, "big")
 
     def _read_snapshots(self) -> list[S.SnapshotEntry]:
         h = self.header
@@ -167,8 +180,8 @@ class Qcow2Reader(ImageReader):
 
     # -- mapping ---------------------------------------------------------------------------
 
-    def l2_table(self, offset: int) -> np.ndarray[Any, Any]:
-        """One L2 table as native uint64 (extended: interleaved entry, bitmap)."""
+    def l2_table(self, offset: int) -> array[int]:
+        """One L2 table as host-order integers (extended: interleaved entry, bitmap)."""
         with self._l2_lock:
             table = self._l2_cache.get(offset)
             if table is not None:
@@ -183,7 +196,7 @@ class Qcow2Reader(ImageReader):
         if offset + cs > self.host.size:
             raise TruncatedImage(f"L2 table at {offset:#x} lies past the end of the file",
                                  path=self.path, offset=offset)
-        table = np.frombuffer(self.host.pread(offset, cs), dtype=">u8").astype(np.uint64)
+        table = tables.from_bytes(self.host.pread(offset, cs), 8, "big")
         with self._l2_lock:
             self._l2_cache[offset] = table
             if len(self._l2_cache) > _L2_CACHE_TABLES:
@@ -206,42 +219,27 @@ class Qcow2Reader(ImageReader):
                 yield from self._scan_l2(self.l2_table(l2_offset), table_start, pos, table_end)
             pos = table_end
 
-    def _scan_l2(self, table: np.ndarray[Any, Any], table_start: int, start: int,
+    def _scan_l2(self, table: array[int], table_start: int, start: int,
                  end: int) -> Iterator[Extent]:
         geo = self.geo
         cs = geo.cluster_size
         first = (start - table_start) // cs
         last = -(-(end - table_start) // cs)
-        kinds, hosts, descs, upc = self._classify(table, first, last)
+        if geo.extended_l2:
+            upc = S.EXTL2_SUBCLUSTERS
+            runs = _merge(self._subcluster_pieces(table, first, last), cs // upc)
+        else:
+            upc = 1
+            runs = self._cluster_runs(table, first, last)
         unit = cs // upc
         base = table_start + first * cs
-        n = len(kinds)
-        # A run breaks where the kind changes, where data stops being contiguous on the
-        # host, and at every compressed cluster (each is its own unit).
-        brk = np.ones(n, dtype=bool)
-        if n > 1:
-            same_kind = kinds[1:] == kinds[:-1]
-            contiguous = hosts[1:] == hosts[:-1] + np.uint64(unit)
-            cluster_idx = np.arange(n) // upc
-            same_cluster = cluster_idx[1:] == cluster_idx[:-1]
-            k = kinds[1:]
-            cont = same_kind & np.where(
-                k == _DATA, contiguous,
-                np.where(k == _COMPRESSED, same_cluster,
-                         ((hosts[1:] == 0) & (hosts[:-1] == 0)) | contiguous))
-            brk[1:] = ~cont
-        starts = np.flatnonzero(brk)
-        bounds = np.append(starts, n)
         offset_mask, shift = S.compressed_fields(geo.cluster_bits)
         sector_mask = (1 << (62 - shift)) - 1
-        for i in range(len(starts)):
-            a, b = int(bounds[i]), int(bounds[i + 1])
+        for a, b, kind, host, desc in runs:
             g_start = max(start, base + a * unit)
             g_end = min(end, base + b * unit)
             if g_start >= g_end:
                 continue
-            kind = int(kinds[a])
-            host = int(hosts[a])
             if kind == _UNALLOC:
                 h_off = host + (g_start - (base + a * unit)) if host else None
                 yield Extent(g_start, g_end - g_start, ExtentKind.UNALLOCATED, host_offset=h_off)
@@ -255,7 +253,6 @@ class Qcow2Reader(ImageReader):
                 else:
                     yield Extent(g_start, g_end - g_start, ExtentKind.DATA, host_offset=h_off)
             else:
-                desc = int(descs[a])
                 c_off = desc & offset_mask
                 sectors = ((desc >> shift) & sector_mask) + 1
                 cluster_start = base + (a // upc) * cs
@@ -287,14 +284,17 @@ class Qcow2Reader(ImageReader):
     def refcounts_per_block(self) -> int:
         return self.geo.cluster_size * 8 // (1 << self.header.refcount_order)
 
-    def refcount_table(self) -> np.ndarray[Any, Any]:
+    def refcount_table(self) -> array[int]:
         """Refcount table entries (offsets of refcount blocks, reserved bits masked)."""
         if self._reftable is None:
             h = self.header
             raw = self.host.pread(h.refcount_table_offset,
                                   h.refcount_table_clusters * self.geo.cluster_size)
-            entries = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-            self._reftable = entries & np.uint64(S.REFT_OFFSET_MASK)
+            entries = tables.from_bytes(raw, 8, "big")
+            reserved = (~S.REFT_OFFSET_MASK & (1 << 64) - 1).to_bytes(8, "big") * len(entries)
+            if int.from_bytes(raw, "big") & int.from_bytes(reserved, "big"):
+                entries = array(entries.typecode, [e & S.REFT_OFFSET_MASK for e in entries])
+            self._reftable = entries
         return self._reftable
 
     def refcount_block(self, offset: int) -> np.ndarray[Any, Any]:
@@ -311,8 +311,9 @@ class Qcow2Reader(ImageReader):
                 break
             if not off or off % cs or off + cs > self.host.size:
                 continue
-            counts = self.refcount_block(off)
-            count += int(np.count_nonzero(counts[: end_cluster - i * per_block]))
+            raw = self.host.pread(off, cs)
+            count += S.count_nonzero_refcounts(raw, 1 << self.header.refcount_order,
+                                               min(per_block, end_cluster - i * per_block))
         return count
 
     def _split_holes(self, g_start: int, g_end: int, host: int) -> Iterator[Extent]:
@@ -332,40 +333,73 @@ class Qcow2Reader(ImageReader):
             yield Extent(g_start + (s - host), e - s, ExtentKind.DATA, host_offset=s,
                          hole=not is_data)
 
-    def _classify(self, table: np.ndarray[Any, Any], first: int, last: int,
-                  ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any], int]:
-        """Per-unit kind, host offset and raw descriptor for clusters [first, last)."""
-        has_data_file = self.header.incompatible_features & S.INCOMPAT_DATA_FILE
-        if not self.geo.extended_l2:
-            e = table[first:last]
-            compressed = (e & np.uint64(S.OFLAG_COMPRESSED)) != 0
-            off = e & np.uint64(S.L2E_OFFSET_MASK)
-            zero = (e & np.uint64(S.OFLAG_ZERO)) != 0
-            allocated = off != 0
-            if has_data_file:
-                allocated |= (e & np.uint64(S.OFLAG_COPIED)) != 0
-            kinds = np.where(compressed, _COMPRESSED,
-                             np.where(zero, _ZERO, np.where(allocated, _DATA, _UNALLOC)))
-            hosts = np.where(compressed, np.uint64(0), off)
-            return kinds.astype(np.int8), hosts.astype(np.uint64), e, 1
+    def _cluster_runs(self, table: array[int], first: int, last: int) -> Iterator[Run]:
+        """Runs of standard L2 entries [first, last), units counted from ``first``.
+
+        A run breaks where the kind changes, where data stops being contiguous on the
+        host, and at every compressed cluster (each is its own unit). Entries that step
+        evenly are taken a slice at a time (``tables.even_run``); an entry that continues a run
+        but not evenly (another flag bit) is taken alone, and the slices resume after it.
+        """
+        data_file = bool(self.header.incompatible_features & S.INCOMPAT_DATA_FILE)
+        cs = self.geo.cluster_size
+        i = first
+        while i < last:
+            entry = table[i]
+            kind, host = _kind(entry, data_file)
+            if kind == _COMPRESSED:
+                yield i - first, i - first + 1, kind, 0, entry
+                i += 1
+                continue
+            j, cur, cur_host = i, entry, host
+            while True:
+                # data steps even at host offset 0 (an external data file's start)
+                step = cs if cur_host or kind == _DATA else 0
+                # a series of entries must not carry past the offset bits into flag bits
+                n = tables.even_run(table, j, last, step,
+                                    limit=cur - cur_host + _HOST_LIMIT if step else None)
+                j += n
+                prev_host = cur_host + (n - 1) * step
+                if j >= last:
+                    break
+                nxt = table[j]
+                nkind, nhost = _kind(nxt, data_file)
+                if nkind != kind or not _continues(kind, prev_host, nhost, cs):
+                    break
+                cur, cur_host = nxt, nhost
+            yield i - first, j - first, kind, host, entry
+            i = j
+
+    def _subcluster_pieces(self, table: array[int], first: int,
+                           last: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """Extended L2 entries [first, last) as pieces ``(start unit, end unit, kind, host,
+        descriptor)`` whose units step evenly on the host (or all have none).
+
+        Every non-compressed subcluster of an allocated cluster has a host offset, even
+        when it reads as zero or is unallocated (qemu-img map reports it).
+        """
         upc = S.EXTL2_SUBCLUSTERS
         unit = self.geo.cluster_size // upc
-        std = table[2 * first:2 * last:2]
-        bitmap = table[2 * first + 1:2 * last:2]
-        compressed = (std & np.uint64(S.OFLAG_COMPRESSED)) != 0
-        off = std & np.uint64(S.L2E_OFFSET_MASK)
-        bits = np.arange(upc, dtype=np.uint64)
-        alloc = ((bitmap[:, None] >> bits) & np.uint64(1)).astype(bool)
-        zero = ((bitmap[:, None] >> (bits + np.uint64(32))) & np.uint64(1)).astype(bool)
-        comp = np.repeat(compressed, upc).reshape(-1, upc)
-        kinds = np.where(comp, _COMPRESSED,
-                         np.where(zero, _ZERO, np.where(alloc, _DATA, _UNALLOC))).astype(np.int8)
-        sub_hosts = off[:, None] + bits * np.uint64(unit)
-        # every non-compressed subcluster of an allocated cluster has a host offset,
-        # even when it reads as zero or is unallocated (qemu map reports it)
-        hosts = np.where((kinds != _COMPRESSED) & (off[:, None] != 0), sub_hosts, np.uint64(0))
-        descs = np.repeat(std, upc)
-        return kinds.reshape(-1), hosts.reshape(-1).astype(np.uint64), descs, upc
+        for c in range(first, last):
+            std, bitmap = table[2 * c], table[2 * c + 1]
+            u = (c - first) * upc
+            if std & S.OFLAG_COMPRESSED:
+                yield u, u + upc, _COMPRESSED, 0, std
+                continue
+            off = std & S.L2E_OFFSET_MASK
+            whole = {_ALL_ALLOCATED: _DATA, 0: _UNALLOC, _ALL_ZERO: _ZERO}.get(
+                bitmap & (_ALL_ZERO | _ALL_ALLOCATED))
+            if whole is not None and (off or whole != _DATA):
+                yield u, u + upc, whole, off, std
+                continue
+            for sub in range(upc):
+                if bitmap >> (sub + upc) & 1:
+                    kind = _ZERO
+                elif bitmap >> sub & 1:
+                    kind = _DATA
+                else:
+                    kind = _UNALLOC
+                yield u + sub, u + sub + 1, kind, off + sub * unit if off else 0, std
 
     def read_host(self, extent: Extent, buf: memoryview) -> None:
         host = self.data_host
@@ -408,33 +442,33 @@ class Qcow2Reader(ImageReader):
             self._metadata = self._metadata_clusters()
         cs = self.geo.cluster_size
         first, last = offset // cs, (offset + length - 1) // cs
-        i = int(np.searchsorted(self._metadata, first))
-        if i < len(self._metadata) and int(self._metadata[i]) <= last:
+        i = bisect_left(self._metadata, first)
+        if i < len(self._metadata) and self._metadata[i] <= last:
             raise CorruptImage(
                 f"guest data at host offset {offset:#x} overlaps the image's metadata "
-                f"(cluster {int(self._metadata[i])})", path=self.path, offset=offset)
+                f"(cluster {self._metadata[i]})", path=self.path, offset=offset)
 
-    def _metadata_clusters(self) -> np.ndarray[Any, Any]:
+    def _metadata_clusters(self) -> list[int]:
         """Sorted host cluster numbers holding header, tables and refcount structures."""
         h = self.header
         cs = self.geo.cluster_size
 
-        def span(offset: int, length: int) -> list[int]:
+        def span(offset: int, length: int) -> range:
             if length <= 0:
-                return []
-            return list(range(offset // cs, (offset + length - 1) // cs + 1))
+                return range(0)
+            return range(offset // cs, (offset + length - 1) // cs + 1)
 
-        clusters = [0]
-        clusters += span(h.l1_table_offset, h.l1_size * 8)
-        clusters += span(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        clusters = {0}
+        clusters.update(span(h.l1_table_offset, h.l1_size * 8))
+        clusters.update(span(h.refcount_table_offset, h.refcount_table_clusters * cs))
         for snap in self.snapshots:
-            clusters += span(snap.l1_table_offset, snap.l1_size * 8)
+            clusters.update(span(snap.l1_table_offset, snap.l1_size * 8))
         if h.nb_snapshots:
-            clusters += span(h.snapshots_offset, sum(len(s.pack()) for s in self.snapshots))
-        l2 = self.l1 & np.uint64(S.L1E_OFFSET_MASK)
-        blocks = self.refcount_table()
-        extra = np.concatenate([l2[l2 != 0], blocks[blocks != 0]]) // np.uint64(cs)
-        return np.unique(np.concatenate([np.array(clusters, dtype=np.uint64), extra]))
+            clusters.update(span(h.snapshots_offset, sum(len(s.pack()) for s in self.snapshots)))
+        mask = S.L1E_OFFSET_MASK
+        clusters.update((e & mask) // cs for e in self.l1 if e & mask)
+        clusters.update(b // cs for b in self.refcount_table() if b)
+        return sorted(clusters)
 
     # -- information -----------------------------------------------------------------------
 
@@ -481,3 +515,46 @@ class Qcow2Reader(ImageReader):
         if self.data_host is not None and self.data_host is not self.host:
             self.data_host.close()
         self.host.close()
+
+
+def _kind(entry: int, data_file: bool) -> tuple[int, int]:
+    """The kind of a standard L2 entry and its host offset (0 for compressed clusters).
+
+    qcow2.txt "Standard Cluster Descriptor": bit 0 reads as zeros, bits 9-55 the host
+    offset; with an external data file an entry with the COPIED flag is allocated even
+    at offset 0.
+    """
+    if entry & S.OFLAG_COMPRESSED:
+        return _COMPRESSED, 0
+    host = entry & S.L2E_OFFSET_MASK
+    if entry & S.OFLAG_ZERO:
+        return _ZERO, host
+    if host or (data_file and entry & S.OFLAG_COPIED):
+        return _DATA, host
+    return _UNALLOC, host
+
+
+def _continues(kind: int, prev_host: int, host: int, unit: int) -> bool:
+    """Whether a unit at ``host`` continues a run of ``kind`` whose last unit is at
+    ``prev_host``: data must be contiguous on the host; zero and unallocated units
+    either have no host offset on both sides or are contiguous too."""
+    if kind == _COMPRESSED:
+        return False
+    if kind != _DATA and not prev_host and not host:
+        return True
+    return host == prev_host + unit
+
+
+def _merge(pieces: Iterator[tuple[int, int, int, int, int]], unit: int) -> Iterator[Run]:
+    """Join consecutive pieces into runs where ``_continues`` allows it."""
+    run: list[int] | None = None  # start, end, kind, host, descriptor, host of the last unit
+    for a, b, kind, host, desc in pieces:
+        if run is not None and run[2] == kind and _continues(kind, run[5], host, unit):
+            run[1] = b
+            run[5] = host + (b - a - 1) * unit if host else 0
+            continue
+        if run is not None:
+            yield run[0], run[1], run[2], run[3], run[4]
+        run = [a, b, kind, host, desc, host + (b - a - 1) * unit if host else 0]
+    if run is not None:
+        yield run[0], run[1], run[2], run[3], run[4]

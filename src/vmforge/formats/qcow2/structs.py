@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 from array import array
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # numpy loads with the reader's unpack_refcounts, not when probing
+from ...util import tables
+
+if TYPE_CHECKING:  # numpy loads with unpack_refcounts (check, repair), not when reading
     import numpy as np
 
 MAGIC = b"QFI\xfb"
@@ -239,6 +242,29 @@ def pack_refcounts(counts: array[int] | np.ndarray[Any, Any], bits: int) -> byte
     for i in range(per_byte):  # count k*per_byte+i goes to bits i*bits.. of byte k
         packed |= int.from_bytes(low[i::per_byte], "little") << (i * bits)
     return packed.to_bytes(n // per_byte, "little")
+
+
+def count_nonzero_refcounts(data: bytes, bits: int, n: int) -> int:
+    """How many of the first ``n`` refcounts in block bytes ``data`` are not zero (the
+    layout of pack_refcounts), with C-level passes only: no numpy."""
+    if bits >= 8:
+        width = bits // 8
+        counts = array(tables.typecode(width), data[:n * width])  # byte order is moot
+        return n - counts.count(0)
+    per_byte = 8 // bits
+    whole, rest = divmod(n, per_byte)
+    fields = _nonzero_fields(bits)
+    found = sum(data[:whole].translate(fields))
+    if rest:
+        found += fields[data[whole] & ((1 << rest * bits) - 1)]
+    return found
+
+
+@functools.cache
+def _nonzero_fields(bits: int) -> bytes:
+    """Per byte value: how many of its ``bits``-wide fields are not zero."""
+    field = (1 << bits) - 1
+    return bytes(sum(1 for k in range(0, 8, bits) if b >> k & field) for b in range(256))
 
 
 def unpack_refcounts(data: bytes, bits: int) -> np.ndarray[Any, Any]:

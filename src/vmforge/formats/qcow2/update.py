@@ -111,7 +111,7 @@ class Qcow2Update:
         self.extensions = reader.extensions
         self.snapshots: list[S.SnapshotEntry] = list(reader.snapshots)
         self.old_table_size = sum(len(s.pack()) for s in reader.snapshots)
-        self.l1 = reader.l1.copy()
+        self.l1 = np.array(reader.l1, dtype=np.uint64)  # the reader's is an array.array
         self.l1_size = h.l1_size
         self.size = h.size
         self.bits = 1 << h.refcount_order

@@ -133,8 +133,7 @@ class Qcow2Writer(ImageWriter):
             self._setup(path, h.size, opts, reader.backing)
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             cs = self.cs
-            # the reader's tables are numpy arrays (reading an image loads numpy anyway)
-            self.l1 = tables.from_bytes(reader.l1.astype("=u8").tobytes(), 8, sys.byteorder)
+            self.l1 = reader.l1[:]  # the same host-order array, copied
             nb = -(-reader.host.size // cs)
             from .check import stored_refcounts
 

@@ -19,7 +19,7 @@ from ...util.lazy import LazyModule, lazy_package
 from ..base import Capabilities, Format
 from ..options import check_create_options, parse_flag
 
-# the reader and writer (and numpy) load on first use: registering and probing need none
+# the reader and writer load on first use: registering and probing need neither
 lazy_package(__name__, {"VdiReader": ".reader", "VdiWriter": ".writer"})
 
 if TYPE_CHECKING:

@@ -54,9 +54,7 @@ class VdiWriter(ImageWriter):
     @classmethod
     def open_existing(cls, path: str) -> VdiWriter:
         """Reopen a VDI image to write guest data into it (``convert -n``)."""
-        import numpy as np  # the reader's block map is a numpy array
-
-        from .reader import read_block_map, read_header
+        from .reader import host_block_use, read_block_map, read_header
 
         host = HostFile(path)
         try:
@@ -68,14 +66,13 @@ class VdiWriter(ImageWriter):
         self.path = path
         self.header = header
         self.virtual_size = -(-header.cbDisk // S.SECTOR_SIZE) * S.SECTOR_SIZE
-        self.bmap = tables.from_bytes(bmap.tobytes(), 4, "little")
-        allocated = bmap[bmap < S.FIRST_UNALLOCATED]
+        self.bmap = bmap
+        use = host_block_use(bmap, header.cBlocks, 0)
         # new blocks go after the highest one in use, whatever cBlocksAllocated claims
-        self.allocated = int(allocated.max()) + 1 if len(allocated) else 0
+        self.allocated = use.top
         # writing into a block that another entry shares would change both: refuse the
         # damage qemu's check reports (vdi_co_check) before anything is written
-        if len(allocated) and (int(allocated.max()) >= header.cBlocks
-                               or len(np.unique(allocated)) != len(allocated)):
+        if use.too_large_count or use.extra:
             raise CorruptImage("the block map has entries past the block count or blocks "
                                "used twice; refusing to write", path=path,
                                offset=header.offBlocks, hint="run 'vmforge check' on it")

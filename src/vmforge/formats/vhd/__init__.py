@@ -18,8 +18,8 @@ from ...util.lazy import LazyModule, lazy_package
 from ..base import Capabilities, Format
 from ..options import check_create_options, parse_flag
 
-# the reader, writers and in-place editor (and numpy) load on first use: registering
-# and probing need none of them
+# the reader, writers and in-place editor (and the editor's numpy) load on first use:
+# registering and probing need none of them
 lazy_package(__name__, {"VpcReader": ".reader", "DifferencingWriter": ".writer",
                         "DynamicWriter": ".writer", "FixedWriter": ".writer"})
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -145,7 +144,8 @@ class _Layout:
                          for e in hdr.parent_locator_entries
                          if e.platform_code != S.PLATFORM_NONE and e.platform_data_length]
         span = reader.bitmap_size + reader.block_size
-        used = reader.bat[reader.bat != S.BAT_UNUSED].astype(np.int64) * S.SECTOR
+        bat = np.frombuffer(reader.bat, dtype=np.uint32)  # (the reader's array, not copied)
+        used = bat[bat != S.BAT_UNUSED].astype(np.int64) * S.SECTOR
         starts = np.concatenate([used, np.array(
             [0, self.header_at, hdr.table_offset] + [a for a, _ in self.locators],
             dtype=np.int64)])
@@ -180,8 +180,7 @@ class DynamicEdit(DynamicWriter):
         self.header_dirty = False
         self.block_size = reader.block_size
         self.bitmap_size = reader.bitmap_size
-        # the writer's BAT is an array.array (the reader's, numpy)
-        self.bat = tables.from_bytes(reader.bat.astype("=u4").tobytes(), 4, sys.byteorder)
+        self.bat = reader.bat[:]  # (a copy: the writer's own, of host-order integers)
         self.bat_written = layout.bat_bytes  # bytes of the BAT area as found
         self.layout = layout
         self.next_block = layout.append_at

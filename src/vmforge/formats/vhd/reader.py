@@ -6,24 +6,30 @@ allocated block reads as stored data whatever its sector bitmap says, an unalloc
 one as zeros. Differencing disks (which qemu cannot read) follow the specification:
 a block's sector bitmap says which sectors this file holds; the others, and whole
 blocks absent from the BAT, are unallocated and fall through to the parent.
+
+No numpy: the BAT is an ``array.array`` walked run by run (table_runs.py), and a
+sector bitmap is split into runs by unpacking it a byte a bit and matching runs of
+equal bytes, so opening a VHD to convert or map it does not pay numpy's import.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 import uuid
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
-
-import numpy as np
 
 from ...engine.chain import resolve_backing_path
 from ...errors import BackingChainError, CorruptImage, LimitExceeded, TruncatedImage
 from ...model import Extent, ExtentKind
 from ...model.info import ImageInfo
+from ...util import tables
 from ..base import ByteSource, HostFile, ImageReader, OpenOptions, file_data_runs
+from ..table_runs import fragmented, runs
 from . import structs as S
 from .parent import Locator, choose_parent, read_locators
 
@@ -32,6 +38,10 @@ from .parent import Locator, choose_parent, read_locators
 MAX_BAT_BYTES = 256 << 20
 #: sector bitmaps of differencing blocks kept decoded (runs), per reader
 _BITMAP_CACHE = 64
+#: a run of sectors present (bit set) or absent, in a bitmap unpacked one byte a bit
+_BIT_RUN = re.compile(rb"\x00+|\x01+")
+#: the BAT's one sentinel: "Block Allocation Table", an unused entry
+_GAPS = (S.BAT_UNUSED,)
 
 
 def read_footer(host: ByteSource) -> tuple[S.Footer, bool]:
@@ -112,6 +122,23 @@ def read_dynamic_header(host: ByteSource, footer: S.Footer, virtual_size: int) -
     return hdr
 
 
+def _highest_entry(bat: array[int], step: int) -> int | None:
+    """The largest BAT entry in use (None: no block is allocated).
+
+    Run by run (``step`` apart: blocks appended in disk order), so a sparse BAT costs
+    a few slice compares; a BAT whose blocks were stored in the order they were
+    written has runs of one, and its rest is taken in one C-level pass instead.
+    """
+    top = -1
+    for count, (a, b, entry) in enumerate(runs(bat, 0, len(bat), step, _GAPS, S.BAT_UNUSED), 1):
+        if entry != S.BAT_UNUSED:
+            top = max(top, entry + (b - a - 1) * step)
+        if fragmented(count, b):
+            top = max(top, max(filter(S.BAT_UNUSED.__ne__, bat[b:]), default=-1))
+            break
+    return top if top >= 0 else None
+
+
 class VpcReader(ImageReader):
     format_name = "vpc"
 
@@ -133,7 +160,9 @@ class VpcReader(ImageReader):
                 raise LimitExceeded(f"disk size {self.virtual_size} is beyond 2040 GiB",
                                     path=path, limit="VHD_MAX_SECTORS")
             self.header: S.DynamicHeader | None = None
-            self.bat: np.ndarray | None = None
+            #: the BAT as host-order integers (sector numbers, BAT_UNUSED for none)
+            self.bat: array[int] | None = None
+            self.block_step = 0
             self.block_size = 0
             self.bitmap_size = 0
             if self.dynamic:
@@ -151,17 +180,20 @@ class VpcReader(ImageReader):
         path, host = self.path, self.host
         hdr = read_dynamic_header(host, self.footer, self.virtual_size)
         bs, bat_bytes = hdr.block_size, hdr.max_table_entries * 4
-        bat = np.frombuffer(host.pread(hdr.table_offset, bat_bytes), dtype=">u4").astype(np.uint32)
+        bat = tables.from_bytes(host.pread(hdr.table_offset, bat_bytes), 4, "big")
         self.header, self.block_size, self.bitmap_size = hdr, bs, hdr.bitmap_size
-        used = bat[bat != S.BAT_UNUSED]
-        if used.size:
+        #: BAT entries (sectors) from one block to the next when blocks lie back to back,
+        #: each after its sector bitmap, as qemu and vmforge append them
+        self.block_step = (self.bitmap_size + bs) // S.SECTOR
+        top = _highest_entry(bat, self.block_step)
+        if top is not None:
             # Every allocated block (bitmap + data) must lie inside the file, as qemu checks
             # ("free_data_block_offset points after the end of file").
-            last = int(used.max()) * S.SECTOR + self.bitmap_size + bs
+            last = top * S.SECTOR + self.bitmap_size + bs
             if last > host.size:
                 raise TruncatedImage(f"a data block ends at {last}, past the end of the file "
                                      f"({host.size} bytes): the image has been truncated",
-                                     path=path, offset=int(used.max()) * S.SECTOR)
+                                     path=path, offset=top * S.SECTOR)
         self.bat = bat
         if self.differencing:
             self.locators = read_locators(host, hdr)
@@ -201,41 +233,39 @@ class VpcReader(ImageReader):
 
     def _dynamic_extents(self, start: int, end: int) -> Iterator[Extent]:
         assert self.bat is not None
-        bs = self.block_size
+        bs, step = self.block_size, self.block_step
         first, last = start // bs, (end - 1) // bs + 1
-        entries = self.bat[first:last]
-        i = 0
-        n = last - first
-        while i < n:
-            g_start = max(start, (first + i) * bs)
-            if entries[i] == S.BAT_UNUSED:
-                j = i + 1
-                while j < n and entries[j] == S.BAT_UNUSED:
-                    j += 1
-                g_end = min(end, (first + j) * bs)
+        for a, b, entry in runs(self.bat, first, last, step, _GAPS, S.BAT_UNUSED):
+            if entry == S.BAT_UNUSED:
+                g_start, g_end = max(start, a * bs), min(end, b * bs)
                 # qemu reports unallocated blocks of a dynamic disk as known zeros
                 # (BDRV_BLOCK_ZERO); in a differencing disk the parent answers
                 kind = ExtentKind.UNALLOCATED if self.differencing else ExtentKind.ZERO
                 yield Extent(g_start, g_end - g_start, kind)
-                i = j
                 continue
-            block_start = (first + i) * bs
-            g_end = min(end, block_start + bs)
-            data = int(entries[i]) * S.SECTOR + self.bitmap_size
-            if not self.differencing:
-                yield Extent(g_start, g_end - g_start, ExtentKind.DATA,
-                             host_offset=data + (g_start - block_start))
+            # blocks back to back on the host are still one extent each: the next
+            # block's sector bitmap lies between two blocks' data
+            for index in range(a, b):
+                yield from self._block_extents(index, entry + (index - a) * step, start, end)
+
+    def _block_extents(self, index: int, entry: int, start: int, end: int) -> Iterator[Extent]:
+        """Extents of the allocated block ``index`` (at BAT ``entry``), clipped."""
+        block_start = index * self.block_size
+        g_start = max(start, block_start)
+        g_end = min(end, block_start + self.block_size)
+        data = entry * S.SECTOR + self.bitmap_size
+        if not self.differencing:
+            yield Extent(g_start, g_end - g_start, ExtentKind.DATA,
+                         host_offset=data + (g_start - block_start))
+            return
+        for s, e, present in self._sector_runs(entry):
+            s, e = max(s + block_start, g_start), min(e + block_start, g_end)
+            if s >= e:
+                continue
+            if present:
+                yield Extent(s, e - s, ExtentKind.DATA, host_offset=data + (s - block_start))
             else:
-                for s, e, present in self._sector_runs(int(entries[i])):
-                    s, e = max(s + block_start, g_start), min(e + block_start, g_end)
-                    if s >= e:
-                        continue
-                    if present:
-                        yield Extent(s, e - s, ExtentKind.DATA,
-                                     host_offset=data + (s - block_start))
-                    else:
-                        yield Extent(s, e - s, ExtentKind.UNALLOCATED)
-            i += 1
+                yield Extent(s, e - s, ExtentKind.UNALLOCATED)
 
     def _sector_runs(self, entry: int) -> list[tuple[int, int, bool]]:
         """(start, end, present) byte runs inside a block from its sector bitmap.
@@ -244,22 +274,21 @@ class VpcReader(ImageReader):
         VirtualBox and Xen's libvhd read the most significant bit first).
         """
         with self._lock:
-            runs = self._bitmaps.get(entry)
-            if runs is not None:
+            found = self._bitmaps.get(entry)
+            if found is not None:
                 self._bitmaps.move_to_end(entry)
-                return runs
+                return found
         sectors = self.block_size // S.SECTOR
         raw = self.host.pread(entry * S.SECTOR, -(-sectors // 8))
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:sectors].astype(np.int8)
-        edges = np.flatnonzero(np.diff(bits)) + 1
-        bounds = [0, *edges.tolist(), sectors]
-        runs = [(a * S.SECTOR, b * S.SECTOR, bool(bits[a]))
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        # one byte (0 or 1) a sector; each run of equal bytes is found by the regex engine
+        bits = tables.unpack_bits(raw, "big")[:sectors]
+        found = [(m.start() * S.SECTOR, m.end() * S.SECTOR, bits[m.start()] == 1)
+                 for m in _BIT_RUN.finditer(bits)]
         with self._lock:
-            self._bitmaps[entry] = runs
+            self._bitmaps[entry] = found
             if len(self._bitmaps) > _BITMAP_CACHE:
                 self._bitmaps.popitem(last=False)
-        return runs
+        return found
 
     def read_host(self, extent: Extent, buf: memoryview) -> None:
         assert extent.host_offset is not None

@@ -117,8 +117,9 @@ class VhdxEditor(VhdxWriter):
         self.ratio = reader.ratio
         self.spb = m.block_size // m.logical_sector_size
         self.blocks = reader.blocks
-        # the writer's BAT is an array.array; whole-table steps here see it through _view
-        self.bat = tables.from_bytes(reader.bat.astype("<u8").tobytes(), 8, "little")
+        # the reader's and the writer's BAT are both array.array (host order); whole-table
+        # steps here see this copy through _view
+        self.bat = reader.bat[:]
         self.old_bat = tables.to_bytes(self.bat, "little")
         self.parent: ParentInfo | None = None
         self.backing = reader.backing

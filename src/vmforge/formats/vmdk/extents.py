@@ -4,31 +4,36 @@ Each extent covers ``[start, start+size)`` of the guest disk and turns that rang
 typed Extents (data / zero / unallocated). Sparse extents (hosted "KDMV", ESX "COWD",
 ESXi seSparse) look guest offsets up through a grain directory (qemu's L1) and grain
 tables (L2); every size is checked against the file before anything is allocated, and
-grain tables are read on demand into a small cache.
+grain tables are read on demand into a small cache. Tables are ``array.array`` of
+host-order integers and are scanned run by run (scan.py): reading a VMDK imports no
+numpy.
 """
 
 from __future__ import annotations
 
 import abc
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 
-import numpy as np
-
 from ...errors import CorruptImage, LimitExceeded, TruncatedImage, UnsupportedFeature
 from ...model import Extent, ExtentKind, align_up
+from ...util import tables
 from ..base import ByteSource, HostFile, file_data_runs
 from . import structs as S
+from .scan import DATA, UNALLOC, ZERO, Run, grain_runs
 
 SECTOR = S.SECTOR_SIZE
 #: grain tables kept in memory per extent (512 entries of 4 bytes each for KDMV)
 GT_CACHE = 64
 #: largest virtual size accepted (qemu's int64 byte offsets)
 MAX_VIRTUAL_BYTES = 1 << 62
-
-# Grain kinds produced by SparseExtent._classify
-_UNALLOC, _ZERO, _DATA = 0, 1, 2
+#: a KDMV or COWD grain table entry is a 32-bit sector number
+_GTE_MAX = (1 << 32) - 1
+_U64 = (1 << 64) - 1
+#: file offsets are off_t (int64)
+_MAX_FILE_OFFSET = (1 << 63) - 1
 
 #: compressed grains carry the extent's index in the high bits of host_offset, so the
 #: engine's per-layer cache of decompressed units never mixes two extent files
@@ -63,12 +68,19 @@ class VmdkExtent(abc.ABC):
         offset = extent.host_offset
         if extent.compressed:
             offset &= (1 << COMPRESSED_INDEX_SHIFT) - 1
+        if not 0 <= offset <= _MAX_FILE_OFFSET - len(buf):
+            # a hostile seSparse grain whose offset wrapped (SESparseExtent._host); qemu
+            # fails the read with EIO
+            raise CorruptImage(f"grain at host offset {offset & _U64:#x} lies outside the "
+                               "file", path=self.host.path)
         self.host.preadinto(buf, offset)
 
     def verbatim_file(self, extent: Extent) -> HostFile | None:
         """Where uncompressed grains and flat data lie as they are (see ImageReader)."""
         if extent.compressed or (extent.reads_zero and not extent.hole):
             return None
+        if extent.host_offset is not None and extent.host_offset < 0:
+            return None  # a wrapped seSparse offset: read_host says what is wrong
         return self.host
 
     def check_messages(self) -> list[str]:
@@ -116,14 +128,20 @@ class SparseExtent(VmdkExtent):
     type_name = "SPARSE"
     grain_sectors: int
     gtes_per_gt: int
-    gte_dtype = "<u4"
-    gd: np.ndarray
+    #: bytes per grain table entry (little-endian on disk)
+    gte_width = S.GTE_SIZE
+    gd: array[int]
 
     def __init__(self, start: int, size: int, host: HostFile) -> None:
         super().__init__(start, size)
         self.host = host
-        self._gts: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._gts: OrderedDict[int, array[int]] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def data_step(self) -> int:
+        """What is added to a data entry (a sector number) to point at the next grain."""
+        return self.grain_sectors
 
     # -- table access -------------------------------------------------------------
     def _load_gd(self, offset: int, entries: int, entry_size: int) -> None:
@@ -138,13 +156,13 @@ class SparseExtent(VmdkExtent):
                 f"grain directory of {entries} entries at offset {offset} runs past the end "
                 f"of the file ({self.host.size} bytes)", path=self.host.path, offset=offset)
         raw = self.host.pread(offset, nbytes) if nbytes else b""
-        self.gd = np.frombuffer(raw, dtype=self.gte_dtype)
+        self.gd = tables.from_bytes(raw, entry_size, "little")
 
     def _gt_offset(self, gd_index: int) -> int:
         """Byte offset of grain table ``gd_index``, 0 when the table is not allocated."""
-        return int(self.gd[gd_index]) * SECTOR
+        return self.gd[gd_index] * SECTOR
 
-    def _gt(self, gd_index: int) -> np.ndarray | None:
+    def _gt(self, gd_index: int) -> array[int] | None:
         assert self.host is not None
         offset = self._gt_offset(gd_index)
         if not offset:
@@ -155,29 +173,33 @@ class SparseExtent(VmdkExtent):
             if table is not None:
                 self._gts.move_to_end(offset)
                 return table
-        nbytes = self.gtes_per_gt * np.dtype(self.gte_dtype).itemsize
+        nbytes = self.gtes_per_gt * self.gte_width
         if offset + nbytes > self.host.size:
             raise TruncatedImage(
                 f"grain table {gd_index} at offset {offset} runs past the end of the file "
                 f"({self.host.size} bytes)", path=self.host.path, offset=offset)
-        table = np.frombuffer(self.host.pread(offset, nbytes), dtype=self.gte_dtype)
+        table = tables.from_bytes(self.host.pread(offset, nbytes), self.gte_width, "little")
         with self._lock:
             self._gts[offset] = table
             if len(self._gts) > GT_CACHE:
                 self._gts.popitem(last=False)
         return table
 
-    def _classify(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(kinds, host byte offsets) of grain table entries: 0 is unallocated, any
-        other value the grain's sector (qemu's rule for COWD and plain KDMV)."""
-        e = entries.astype(np.int64)
-        kinds = np.where(e == 0, _UNALLOC, _DATA).astype(np.int8)
-        return kinds, e * SECTOR
+    def grain_unit(self, entry: int) -> tuple[int, int]:
+        """(kind, host byte offset) of a grain table entry: 0 is unallocated, any other
+        value the grain's sector (qemu's rule for COWD and plain KDMV)."""
+        if entry == S.GTE_UNALLOCATED:
+            return UNALLOC, 0
+        return DATA, entry * SECTOR
 
-    def _table_slice(self, gd_index: int, first: int, last: int
-                     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Classified entries ``[first, last)`` of grain table ``gd_index``; None when
-        the whole table is unallocated."""
+    def even_room(self, entry: int) -> int:
+        """Entries of ``entry, entry + data_step, ...`` that fit the 32-bit entry."""
+        return (_GTE_MAX - entry) // self.grain_sectors + 1
+
+    def _table_runs(self, gd_index: int, first: int, last: int) -> list[Run] | None:
+        """Runs (scan.grain_runs) of entries ``[first, last)`` of grain table
+        ``gd_index``; None when the whole table is unallocated. Every entry of the slice
+        is checked before any run is returned, as qemu-img map fails before printing."""
         if gd_index >= len(self.gd):
             assert self.host is not None
             raise CorruptImage(f"grain table {gd_index} lies beyond the grain directory",
@@ -185,12 +207,16 @@ class SparseExtent(VmdkExtent):
         table = self._gt(gd_index)
         if table is None:
             return None
-        return self._classify(table[first:last])
+        return list(grain_runs(self, table, first, last))
 
     # -- extents ------------------------------------------------------------------
     def iter_extents(self, start: int, end: int) -> Iterator[Extent]:
+        """One extent per run of data grains (per grain when compressed); unallocated
+        or zero runs next to each other, also across grain tables, come as one: a large
+        disk qemu made has thousands of allocated but empty tables."""
         gb = self.grain_bytes
         span = gb * self.gtes_per_gt
+        gap_start, gap_kind = start, -1  # the non-data run not yet yielded (-1: none)
         pos = start
         while pos < end:
             gd_index = (pos - self.start) // span
@@ -198,45 +224,27 @@ class SparseExtent(VmdkExtent):
             stop = min(end, table_start + span)
             first = (pos - table_start) // gb
             last = -(-(stop - table_start) // gb)
-            classified = self._table_slice(gd_index, first, last)
-            if classified is None:
-                yield Extent(pos, stop - pos, ExtentKind.UNALLOCATED)
-            else:
-                yield from self._runs(pos, stop, table_start + first * gb, *classified)
-            pos = stop
-
-    def _runs(self, pos: int, stop: int, base: int, kinds: np.ndarray, hosts: np.ndarray
-              ) -> Iterator[Extent]:
-        """Extents of consecutive grains (the first starting at guest ``base``) clipped
-        to ``[pos, stop)``: one per run of a kind, data runs while host-contiguous."""
-        gb = self.grain_bytes
-        if self.compressed:
-            # every compressed grain is its own unit
-            bounds = np.arange(len(kinds) + 1)
-        else:
-            step = (kinds[1:] != kinds[:-1]) | (
-                (kinds[1:] == _DATA) & (hosts[1:] != hosts[:-1] + gb))
-            bounds = np.concatenate(([0], np.flatnonzero(step) + 1, [len(kinds)]))
-        starts = bounds[:-1]
-        kind_list = kinds[starts].tolist()
-        host_list = hosts[starts].tolist()
-        data = ExtentKind.DATA
-        for i0, i1, kind, host in zip(starts.tolist(), bounds[1:].tolist(), kind_list,
-                                      host_list, strict=True):
-            g0 = base + i0 * gb
-            s0 = pos if pos > g0 else g0
-            e0 = base + i1 * gb
-            if e0 > stop:
-                e0 = stop
-            if kind == _DATA:
+            runs = self._table_runs(gd_index, first, last)
+            for i0, i1, kind, host in runs if runs is not None else [(first, last, UNALLOC, 0)]:
+                g0 = table_start + i0 * gb
+                s0 = pos if pos > g0 else g0
+                if kind != DATA:
+                    if kind != gap_kind:
+                        if gap_kind >= 0:
+                            yield _gap(gap_start, s0, gap_kind)
+                        gap_start, gap_kind = s0, kind
+                    continue
+                if gap_kind >= 0:
+                    yield _gap(gap_start, s0, gap_kind)
+                    gap_kind = -1
+                e0 = min(stop, table_start + i1 * gb)
                 if self.compressed:
                     yield self._data(s0, e0, (g0 - self.start) // gb, s0 - g0, host)
                 else:
-                    yield Extent(s0, e0 - s0, data, host + (s0 - g0))
-            elif kind == _UNALLOC:
-                yield Extent(s0, e0 - s0, ExtentKind.UNALLOCATED)
-            else:
-                yield Extent(s0, e0 - s0, ExtentKind.ZERO)
+                    yield Extent(s0, e0 - s0, ExtentKind.DATA, host + (s0 - g0))
+            pos = stop
+        if gap_kind >= 0:
+            yield _gap(gap_start, end, gap_kind)
 
     def _data(self, pos: int, stop: int, grain: int, inner: int, host: int) -> Extent:
         return Extent(pos, stop - pos, ExtentKind.DATA, host_offset=host + inner)
@@ -252,16 +260,17 @@ class SparseExtent(VmdkExtent):
             sector = (self.start + gd_index * span) // SECTOR
             count = min(self.gtes_per_gt, grains - gd_index * self.gtes_per_gt)
             try:
-                classified = self._table_slice(gd_index, 0, count)
+                runs = self._table_runs(gd_index, 0, count)
             except CorruptImage:
                 return [f"ERROR: could not get cluster_offset for sector {sector}"]
-            if classified is None:
-                continue
-            kinds, hosts = classified
-            bad = np.flatnonzero((kinds == _DATA) & (hosts >= self.host.size))
-            if len(bad):
-                sector += int(bad[0]) * self.grain_sectors
-                return [f"ERROR: cluster offset for sector {sector} points after EOF"]
+            for i0, i1, kind, host in runs or ():
+                # a data run's grains lie at host, host + gb, ...: the first one at or
+                # past the end of the file. qemu compares unsigned: a wrapped (negative)
+                # seSparse offset is past it
+                past = max(0, -(-(self.host.size - host) // gb)) if host >= 0 else 0
+                if kind == DATA and i0 + past < i1:
+                    sector += (i0 + past) * self.grain_sectors
+                    return [f"ERROR: cluster offset for sector {sector} points after EOF"]
         return []
 
 
@@ -279,11 +288,10 @@ class HostedSparseExtent(SparseExtent):
         self.zeroed_grain = header.has_zeroed_grain
         self._load_gd(header.gdOffset * SECTOR, header.gd_entries, S.GTE_SIZE)
 
-    def _classify(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        kinds, hosts = super()._classify(entries)
-        if self.zeroed_grain:
-            kinds[entries == S.GTE_ZEROED] = _ZERO
-        return kinds, hosts
+    def grain_unit(self, entry: int) -> tuple[int, int]:
+        if entry == S.GTE_ZEROED and self.zeroed_grain:
+            return ZERO, 0
+        return super().grain_unit(entry)
 
     def _data(self, pos: int, stop: int, grain: int, inner: int, host: int) -> Extent:
         if not self.compressed:
@@ -313,6 +321,10 @@ class HostedSparseExtent(SparseExtent):
                       host_offset=(self.index << COMPRESSED_INDEX_SHIFT) + data,
                       compressed=True, stored_length=size, unit_length=unit,
                       inner_offset=inner)
+
+
+def _gap(start: int, end: int, kind: int) -> Extent:
+    return Extent(start, end - start, ExtentKind.UNALLOCATED if kind == UNALLOC else ExtentKind.ZERO)
 
 
 def open_hosted_sparse(start: int, host: HostFile, head: bytes) -> HostedSparseExtent:
@@ -428,7 +440,7 @@ class SESparseExtent(SparseExtent):
     header checks, 4 KiB grains, 64-bit grain directory and table entries)."""
 
     type_name = "SESPARSE"
-    gte_dtype = "<u8"
+    gte_width = 8
 
     def __init__(self, start: int, host: HostFile) -> None:
         path = host.path
@@ -472,7 +484,7 @@ class SESparseExtent(SparseExtent):
                                path=path)
 
     def _gt_offset(self, gd_index: int) -> int:
-        entry = int(self.gd[gd_index])
+        entry = self.gd[gd_index]
         if entry == 0:
             return 0
         if entry >> 32 != 0x10000000:
@@ -484,21 +496,42 @@ class SESparseExtent(SparseExtent):
         return (self.sheader.grain_tables_offset * SECTOR
                 + (entry & 0xFFFFFFFF) * table_bytes)
 
-    def _classify(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        e = entries.astype(np.uint64)
-        nibble = (e >> np.uint64(60)).astype(np.int64)
-        kinds = np.full(len(e), _DATA, dtype=np.int8)
-        kinds[e == 0] = _UNALLOC
-        kinds[(nibble == 1) | (nibble == 2)] = _ZERO  # SCSI-unmapped or zero grain
-        bad = ((nibble == 0) & (e != 0)) | (nibble > 3)
-        if bad.any():
-            assert self.host is not None
-            entry = int(e[np.flatnonzero(bad)[0]])
-            raise CorruptImage(f"seSparse grain table entry {entry:#x} is invalid",
-                               path=self.host.path)
-        # qemu: bits 48..59 are the cluster's low 12 bits, bits 0..47 the rest
-        cluster = ((e & np.uint64(0x0FFF000000000000)) >> np.uint64(48)) | \
-            ((e & np.uint64(0x0000FFFFFFFFFFFF)) << np.uint64(12))
-        hosts = (np.uint64(self.sheader.grains_offset) + cluster * np.uint64(self.grain_sectors)) \
-            * np.uint64(SECTOR)
-        return kinds, hosts.astype(np.int64)
+    @property
+    def data_step(self) -> int:
+        # the cluster's low 12 bits are the entry's bits 48-59 (see grain_unit)
+        return 1 << 48
+
+    def even_room(self, entry: int) -> int:
+        """Entries of ``entry, entry + data_step, ...`` before bits 48-59 carry into
+        the entry's top nibble."""
+        return ((_SESPARSE_LOW_CLUSTER - (entry & _SESPARSE_LOW_CLUSTER)) >> 48) + 1
+
+    def _host(self, entry: int) -> int:
+        """The host offset of an allocated grain's entry. qemu computes it in uint64 and
+        passes it on as int64, so a hostile cluster number wraps: qemu-img map prints
+        the wrapped, signed value (and joins grains across the wrap: scan.py compares
+        offsets modulo 2**64); reading there fails."""
+        cluster = ((entry & _SESPARSE_LOW_CLUSTER) >> 48) | \
+            ((entry & _SESPARSE_HIGH_CLUSTER) << 12)
+        host = (self.sheader.grains_offset + cluster * self.grain_sectors) * SECTOR & _U64
+        return host - (1 << 64) if host >> 63 else host
+
+    def grain_unit(self, entry: int) -> tuple[int, int]:
+        """qemu 7.2 vmdk_get_cluster_offset: the top nibble says 0 unallocated (then the
+        entry must be 0), 1 SCSI-unmapped or 2 zero grain (both read zeros), 3 allocated;
+        bits 48-59 are the grain's cluster number's low 12 bits, bits 0-47 the rest."""
+        nibble = entry >> 60
+        if nibble == 3:
+            return DATA, self._host(entry)
+        if nibble in (1, 2):
+            return ZERO, 0
+        if entry == 0:
+            return UNALLOC, 0
+        assert self.host is not None
+        raise CorruptImage(f"seSparse grain table entry {entry:#x} is invalid",
+                           path=self.host.path)
+
+
+#: seSparse grain table entry fields (qemu 7.2 vmdk_get_cluster_offset)
+_SESPARSE_LOW_CLUSTER = 0x0FFF000000000000
+_SESPARSE_HIGH_CLUSTER = 0x0000FFFFFFFFFFFF
