@@ -121,6 +121,8 @@ def _deflater(wbits: int, level: int | None) -> Callable[[bytes | memoryview], b
         full = _one_shot(ng, DEFAULT_ZLIB_NG_LEVEL if level is None else level, wbits)
     elif isal is not None:
         full = _one_shot(isal, _isal_level(1 if level is None else level), wbits)
+        # ISA-L already compresses at its probe's speed: sending incompressible units to
+        # its level 1 (below) would save nothing
         return full
     else:
         full = _one_shot(zlib, 6 if level is None else level, wbits)
