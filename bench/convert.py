@@ -40,6 +40,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -104,6 +105,12 @@ class Case:
     #: its qemu-img runs are shown again instead of repeated (saves minutes of deflate)
     qemu_from: str = ""
 
+    @property
+    def floor(self) -> bool:
+        """Whether the kernel copy floor (floor.py) is timed too: for uncompressed
+        conversions, which write about as many bytes as the source holds."""
+        return self.target == UNCOMPRESSED and not self.vmforge_pipe
+
 
 STREAM = ("-o", "subformat=streamOptimized")
 ZSTD_OPTS = ("-c", "-o", "compression_type=zstd")
@@ -159,6 +166,8 @@ def make_cases(sparse_data: int) -> list[Case]:
 def command(case: Case, tool: str, src: Path, src_fmt: str, out: Path, args: argparse.Namespace,
             workers: int) -> list[str]:
     """The command line ``tool`` runs for ``case``, writing ``out``."""
+    if tool == "floor":  # the source's data copied to a new file, and nothing else
+        return [sys.executable, "-S", str(REPO / "bench" / "floor.py"), str(src), str(out)]
     if case.export and tool == "vmforge":
         return [*args.vmforge, "export", "-q", "-f", src_fmt, "--target", case.export,
                 "-o", str(out), str(src)]
@@ -194,6 +203,8 @@ def bench_case(case: Case, args: argparse.Namespace, tools: list[str], workers: 
     except SourceUnavailable as err:
         print(f"  {case.id}: skipped: {err}", file=sys.stderr, flush=True)
         return Result({tool: [] for tool in tools}, skipped=str(err))
+    if args.drop_caches:
+        drop_page_cache()
     warm_up(src)
     out_dir: Path = args.cache_dir / "out"
     out_dir.mkdir(exist_ok=True)
@@ -222,6 +233,9 @@ def bench_case(case: Case, args: argparse.Namespace, tools: list[str], workers: 
                     run_.error = (verify_ova(args.qemu_img, src, src_def.fmt, out) if case.export
                                   else verify(args.qemu_img, src, src_def.fmt, out, case.out_fmt))
                     run_.ok = not run_.error
+                elif tool == "floor":  # a copy of the source file itself
+                    run_.error = verify(args.qemu_img, src, src_def.fmt, out, src_def.fmt)
+                    run_.ok = not run_.error
             elif run_.ok:
                 run_.ok, run_.error = False, "exited 0 but wrote no output"
             done.append(run_)
@@ -232,6 +246,27 @@ def bench_case(case: Case, args: argparse.Namespace, tools: list[str], workers: 
             out.unlink(missing_ok=True)
             os.sync()  # keep one run's writeback out of the next run's timing
     return result
+
+
+def drop_page_cache() -> None:
+    """Empty the page cache (root only): writes then find free memory instead of
+    reclaiming other files' pages first. On this VM, with the cache full, that reclaim
+    made the same copy take 0.4 s or 5 s from one run to the next."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1\n")
+
+
+def free_memory() -> int:
+    """MemFree from /proc/meminfo, in bytes (0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemFree:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def default_workers(args: argparse.Namespace) -> int:
@@ -273,7 +308,12 @@ def context(args: argparse.Namespace, verified: bool, used: set[str]) -> str:
     return (
         f"Measured {dt.date.today().isoformat()} on {os.cpu_count()} CPUs, {platform.system()} "
         f"{platform.release()}, Python {platform.python_version()}; {qemu_version}; "
-        f"vmforge {vmforge_version}, {workers}; load average at start {args.load:.1f}.\n"
+        f"vmforge {vmforge_version}, {workers}; load average at start {args.load:.1f}; "
+        + ("page cache dropped before each case (`--drop-caches`), so that writes find free "
+           "memory" if args.drop_caches else
+           f"{args.free / GiB:.1f} GiB of memory free at start (writes that must first "
+           f"reclaim page cache are slower and noisier; `--drop-caches` avoids that)")
+        + ".\n"
         f"Median of {args.reps} run{'s' if args.reps > 1 else ''} per tool, tools alternating; a "
         f"tool stops repeating a case when one more run would take it past {args.budget:.0f} s "
         f"(\"n=1\" marks such cells); \"best runs\" divides vmforge's fastest run by "
@@ -318,9 +358,25 @@ def build_report(args: argparse.Namespace, results: dict[str, Result],
                 "use. The default worker count's cell reuses the main rows' runs.\n\n"
                 + report.scaling_table(titled, n if n in args.scaling else None))
 
+    def floor_note(group: str) -> Callable[[], str]:
+        def note() -> str:
+            members = [r for r in rows if r.group == group and r.result.runs.get("floor")]
+            if not members:
+                return ""
+            return ("The kernel copy floor: `bench/floor.py` copies the source's data ranges to "
+                    "a new file with copy_file_range after fallocate, the fastest way this "
+                    "machine has (see its docstring), and does nothing else; a process that "
+                    "starts in ~10 ms. An uncompressed conversion writes about as many bytes, "
+                    "so this time is what any converter's copy costs here; the columns after "
+                    "it are each tool's time above it (start-up, format work, and for qemu-img "
+                    "and vmforge alike, writes that take turns on the output's inode lock).\n\n"
+                    + report.floor_table(members))
+        return note
+
     used = {c.source for c in args.cases}
     return report.body(GROUPS, rows, args.reps, context(args, verified, used), skipped,
-                       {"sparse": sparse_note, "scaling": scaling_section})
+                       {"sparse": sparse_note, "scaling": scaling_section,
+                        "uncompressed": floor_note("uncompressed"), "os": floor_note("os")})
 
 
 # ---------------------------------------------------------------------- main
@@ -363,8 +419,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-os-image", action="store_true",
                     help="skip the OS-image cases (they download about 300 MB of Debian packages "
                          "once)")
-    ap.add_argument("--tools", default="qemu-img,vmforge",
-                    help="comma-separated subset of qemu-img,vmforge (default both)")
+    ap.add_argument("--tools", default="qemu-img,vmforge,floor",
+                    help="comma-separated subset of qemu-img,vmforge,floor (default all; floor: "
+                         "the kernel copy floor, bench/floor.py, in uncompressed cases)")
     ap.add_argument("-m", dest="workers", type=int, default=0,
                     help="pass -m N to vmforge convert in the main rows (default: vmforge's own)")
     ap.add_argument("--scaling", default=None, metavar="N,N,...",
@@ -377,6 +434,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     default=Path(os.environ.get("VMFORGE_BENCH_DIR", REPO / "bench" / ".cache")),
                     help="where source images are cached (default bench/.cache or $VMFORGE_BENCH_DIR)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="empty the page cache before each case (needs root), so that output "
+                         "writes do not have to reclaim memory first")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each command")
     args = ap.parse_args(argv)
     if args.size is None:
@@ -407,8 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(by_id)}")
     args.cases = [by_id[c] for c in wanted]
-    args.tools = [t for t in ("qemu-img", "vmforge") if t in args.tools.split(",")]
-    if not args.tools:
+    args.tools = [t for t in ("qemu-img", "vmforge", "floor") if t in args.tools.split(",")]
+    if not [t for t in args.tools if t != "floor"]:
         ap.error("--tools must name qemu-img and/or vmforge")
     return args
 
@@ -421,9 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     except ToolMissing as err:
         print(f"bench: {err}", file=sys.stderr)
         return 2
+    if args.drop_caches and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        print("bench: --drop-caches needs root (write access to /proc/sys/vm/drop_caches)",
+              file=sys.stderr)
+        return 2
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     args.sources = make_sources(args)
     args.load = os.getloadavg()[0]
+    args.free = free_memory()
     if args.load > 0.5:
         print(f"bench: warning: load average is {args.load:.1f}; other work on this machine will "
               "skew the timings", file=sys.stderr)
@@ -440,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: dict[str, Result] = {}
     for case in args.cases:
-        results[case.id] = bench_case(case, args, args.tools, args.workers,
+        tools = [t for t in args.tools if t != "floor" or case.floor]
+        results[case.id] = bench_case(case, args, tools, args.workers,
                                       shared=results.get(case.qemu_from))
     scaling: dict[str, dict[int, Result]] = {}
     if "vmforge" in args.tools:

@@ -92,6 +92,26 @@ def group_table(rows: Sequence[Row], reps: int) -> str:
     return "\n".join(lines)
 
 
+def floor_table(rows: Sequence[Row]) -> str:
+    """Each tool's time above the kernel copy floor (medians, and best runs' ratios)."""
+    lines = ["| case | kernel copy floor s | qemu-img − floor s | vmforge − floor s "
+             "| best runs qemu-img / floor | best runs vmforge / floor |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        r = row.result
+        floor = r.median("floor")
+        cells = []
+        for tool in ("qemu-img", "vmforge"):
+            t = r.median(tool)
+            cells.append("—" if t is None or floor is None else f"{t - floor:+.2f}")
+        bests = []
+        for tool in ("qemu-img", "vmforge"):
+            t, f = r.best(tool), r.best("floor")
+            bests.append("—" if t is None or not f else f"{t / f:.2f}×")
+        lines.append(f"| {row.title} | {fmt_s(floor)} | {' | '.join(cells)} | {' | '.join(bests)} |")
+    return "\n".join(lines)
+
+
 def scaling_table(scaling: dict[str, tuple[str, dict[int, Result]]], reused: int | None) -> str:
     """vmforge's time and CPU use per worker count, for each scaled case."""
     counts = sorted({n for _, per in scaling.values() for n in per})

@@ -82,6 +82,17 @@ def test_quick_run_measures_and_verifies_every_group(tmp_path: Path) -> None:
             assert low - 0.005 <= ratio <= high + 0.005, match.group(0)
             # one run per tool (--reps 1): its best run is its median
             assert match["best"] == match["ratio"], match.group(0)
+    # the kernel copy floor is timed (and verified) for the uncompressed cases only
+    floor = re.compile(r"^\| (?P<title>[^|]+) \| (?P<floor>\d+\.\d\d) \| (?P<q>[+-]\d+\.\d\d) \| "
+                       r"(?P<v>[+-]\d+\.\d\d) \| (?P<qb>\d+\.\d\d)× \| (?P<vb>\d+\.\d\d)× \|$", re.M)
+    floors = {m["title"]: m for m in floor.finditer(section(text, "Uncompressed targets"))}
+    assert set(floors) == {"raw → qcow2", "qcow2 → raw"}, section(text, "Uncompressed targets")
+    for title, m in floors.items():
+        measured = next(r for r in row.finditer(section(text, "Uncompressed targets"))
+                        if r["title"] == title)
+        assert float(m["floor"]) > 0
+        assert abs(float(measured["v"]) - float(m["floor"]) - float(m["v"])) <= 0.011, m.group(0)
+    assert "kernel copy floor" not in section(text, "Compressed writes")
     assert "≤ 0.20×, size ≤ 1.05:" in section(text, "Compressed writes")
     assert "(twice the data, same virtual size): vmforge" in section(
         text, "Sparse disks: time follows the data, not the virtual size")
