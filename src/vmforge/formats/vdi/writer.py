@@ -113,15 +113,30 @@ class VdiWriter(ImageWriter):
     def write(self, offset: int, data: WriteData) -> None:
         view = byte_view(data)
         bs = S.BLOCK_SIZE
-        while len(view):
-            idx, inner = divmod(offset, bs)
-            n = min(len(view), bs - inner)
-            try:
-                pwrite_all(self.fd, view[:n], self._host_block(idx) + inner)
-            except OSError as err:
-                raise OutputError(f"{self.path}: write failed: {err.strerror}") from None
-            view = view[n:]
-            offset += n
+        # Blocks stored one after another (new blocks are, in guest order) go out in one
+        # call: each call reserves its blocks and starts a kernel copy, which cost raw ->
+        # vdi ~0.2 s of 0.85 when made per 1 MiB block.
+        run_at = run_from = run_len = 0
+        done = 0
+        while done < len(view):
+            idx, inner = divmod(offset + done, bs)
+            n = min(len(view) - done, bs - inner)
+            at = self._host_block(idx) + inner
+            if run_len and at != run_at + run_len:
+                self._put(view[run_from:run_from + run_len], run_at)
+                run_len = 0
+            if not run_len:
+                run_at, run_from = at, done
+            run_len += n
+            done += n
+        if run_len:
+            self._put(view[run_from:run_from + run_len], run_at)
+
+    def _put(self, piece: WriteData, at: int) -> None:
+        try:
+            pwrite_all(self.fd, piece, at)
+        except OSError as err:
+            raise OutputError(f"{self.path}: write failed: {err.strerror}") from None
 
     def write_zeroes(self, offset: int, length: int) -> None:
         # free blocks already read as zeros; only blocks holding data need zeroing

@@ -185,9 +185,14 @@ class _SparseFile:
         return sector
 
     def write(self, offset: int, data: memoryview | FileSpan) -> None:
-        while len(data):
-            index, inner = divmod(offset, self.grain)
-            n = min(len(data), self.grain - inner)
+        # Grains stored one after another (new grains are, in guest order) go out in one
+        # call: per 64 KiB grain, the calls (each a kernel copy, too short to reserve its
+        # blocks first) cost raw -> vmdk ~0.5 s of 1.1.
+        run_at = run_from = run_len = 0
+        done = 0
+        while done < len(data):
+            index, inner = divmod(offset + done, self.grain)
+            n = min(len(data) - done, self.grain - inner)
             sector = self.gte[index]
             if sector in (S.GTE_UNALLOCATED, S.GTE_ZEROED):
                 sector = self._allocate(index)
@@ -196,14 +201,22 @@ class _SparseFile:
                     # get_whole_cluster without a parent; the engine sends whole grains
                     # except the disk's last, so a delta never hides its parent here)
                     piece = bytearray(self.grain)
-                    head = data[:n]
+                    head = data[done:done + n]
                     piece[inner:inner + n] = head.tobytes() if isinstance(head, FileSpan) \
                         else head
                     pwrite_all(self.fd, piece, sector * SECTOR)
-                    data, offset = data[n:], offset + n
+                    done += n
                     continue
-            pwrite_all(self.fd, data[:n], sector * SECTOR + inner)
-            data, offset = data[n:], offset + n
+            at = sector * SECTOR + inner
+            if run_len and at != run_at + run_len:
+                pwrite_all(self.fd, data[run_from:run_from + run_len], run_at)
+                run_len = 0
+            if not run_len:
+                run_at, run_from = at, done
+            run_len += n
+            done += n
+        if run_len:
+            pwrite_all(self.fd, data[run_from:run_from + run_len], run_at)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a range: zeroed-grain GTEs for whole grains when enabled, else zero data."""
