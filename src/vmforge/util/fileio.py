@@ -122,6 +122,30 @@ def pwrite_all(fd: int, data: WriteData, offset: int) -> None:
         offset += n
 
 
+class Coalesced:
+    """Pieces of one buffer (or file span) bound for one file, written in as few calls
+    as possible: a piece that goes on where the last one ended, in the data and in the
+    file, joins it. Writers that cut the engine's chunks per block or grain use this:
+    each call is a kernel copy, and only long ones reserve their blocks first."""
+
+    def __init__(self, fd: int, data: memoryview | FileSpan) -> None:
+        self.fd, self.data = fd, data
+        self.at = self.start = self.length = 0
+
+    def add(self, start: int, length: int, at: int) -> None:
+        """``data[start:start + length]`` goes to file offset ``at``."""
+        if self.length and (at != self.at + self.length or start != self.start + self.length):
+            self.flush()
+        if not self.length:
+            self.at, self.start = at, start
+        self.length += length
+
+    def flush(self) -> None:
+        if self.length:
+            pwrite_all(self.fd, self.data[self.start:self.start + self.length], self.at)
+            self.length = 0
+
+
 def write_zeros(fd: int, offset: int, length: int) -> None:
     """Write real zero bytes (for block devices and preallocation=full)."""
     chunk = bytes(min(length, 1 << 20))

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from ...errors import CorruptImage, OutputError, UnsupportedFeature
 from ...util import tables
-from ...util.fileio import WriteData, byte_view, pwrite_all, zero_range
+from ...util.fileio import Coalesced, WriteData, byte_view, pwrite_all, zero_range
 from ..base import BackingRef, HostFile, ImageWriter
 from . import structs as S
 
@@ -113,28 +113,17 @@ class VdiWriter(ImageWriter):
     def write(self, offset: int, data: WriteData) -> None:
         view = byte_view(data)
         bs = S.BLOCK_SIZE
-        # Blocks stored one after another (new blocks are, in guest order) go out in one
-        # call: each call reserves its blocks and starts a kernel copy, which cost raw ->
-        # vdi ~0.2 s of 0.85 when made per 1 MiB block.
-        run_at = run_from = run_len = 0
+        # blocks stored one after another (new ones are, in guest order) go out in one
+        # call: per 1 MiB block, the calls cost raw -> vdi ~0.2 s of 0.85
+        out = Coalesced(self.fd, view)
         done = 0
-        while done < len(view):
-            idx, inner = divmod(offset + done, bs)
-            n = min(len(view) - done, bs - inner)
-            at = self._host_block(idx) + inner
-            if run_len and at != run_at + run_len:
-                self._put(view[run_from:run_from + run_len], run_at)
-                run_len = 0
-            if not run_len:
-                run_at, run_from = at, done
-            run_len += n
-            done += n
-        if run_len:
-            self._put(view[run_from:run_from + run_len], run_at)
-
-    def _put(self, piece: WriteData, at: int) -> None:
         try:
-            pwrite_all(self.fd, piece, at)
+            while done < len(view):
+                idx, inner = divmod(offset + done, bs)
+                n = min(len(view) - done, bs - inner)
+                out.add(done, n, self._host_block(idx) + inner)
+                done += n
+            out.flush()
         except OSError as err:
             raise OutputError(f"{self.path}: write failed: {err.strerror}") from None
 

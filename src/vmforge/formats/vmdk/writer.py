@@ -27,7 +27,7 @@ from ...engine.chain import resolve_backing_path
 from ...errors import ImageError, OptionError, OutputError, UnsupportedFeature
 from ...util import tables
 from ...util.companions import pending_output
-from ...util.fileio import FileSpan, WriteData, byte_view, pwrite_all, zero_range
+from ...util.fileio import Coalesced, FileSpan, WriteData, byte_view, pwrite_all, zero_range
 from ..base import BackingRef, ImageWriter, OpenOptions
 from ..options import check_create_options, parse_flag
 from . import structs as S
@@ -185,10 +185,9 @@ class _SparseFile:
         return sector
 
     def write(self, offset: int, data: memoryview | FileSpan) -> None:
-        # Grains stored one after another (new grains are, in guest order) go out in one
-        # call: per 64 KiB grain, the calls (each a kernel copy, too short to reserve its
-        # blocks first) cost raw -> vmdk ~0.5 s of 1.1.
-        run_at = run_from = run_len = 0
+        # grains stored one after another (new ones are, in guest order) go out in one
+        # call: per 64 KiB grain, the calls cost raw -> vmdk ~0.4 s of 1.1
+        out = Coalesced(self.fd, data)
         done = 0
         while done < len(data):
             index, inner = divmod(offset + done, self.grain)
@@ -207,16 +206,9 @@ class _SparseFile:
                     pwrite_all(self.fd, piece, sector * SECTOR)
                     done += n
                     continue
-            at = sector * SECTOR + inner
-            if run_len and at != run_at + run_len:
-                pwrite_all(self.fd, data[run_from:run_from + run_len], run_at)
-                run_len = 0
-            if not run_len:
-                run_at, run_from = at, done
-            run_len += n
+            out.add(done, n, sector * SECTOR + inner)
             done += n
-        if run_len:
-            pwrite_all(self.fd, data[run_from:run_from + run_len], run_at)
+        out.flush()
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a range: zeroed-grain GTEs for whole grains when enabled, else zero data."""
