@@ -47,6 +47,10 @@ HEADER1_END = PREHEADER_SIZE + HEADER1_SIZE  # the smallest file that holds a v1
 
 # qemu places the block map right after the header sector (vdi_co_do_create)
 DEFAULT_OFF_BLOCKS = 0x200
+# VirtualBox starts the data area on a 1 MiB boundary (VDI.cpp, VDI_DATA_ALIGN: "for
+# performance reasons"); qemu right after the map, at a sector boundary, so that every
+# block of its files straddles page-cache pages and file-system blocks
+DATA_ALIGN = 1 << 20
 
 _PRE = struct.Struct("<64sII")
 # VDIHEADER1PLUS after the pre-header: cbHeader, u32Type, fFlags, szComment[256], offBlocks,
@@ -141,10 +145,11 @@ def block_map_bytes(blocks: int) -> int:
 
 
 def new_header(size: int, *, fixed: bool, blocks_allocated: int = 0) -> Header:
-    """A v1.1 header for a new image of ``size`` bytes laid out as qemu lays it out.
+    """A v1.1 header for a new image of ``size`` bytes.
 
-    Block map at 0x200, data right after the map in whole sectors (vdi_co_do_create);
-    fresh random uuidCreate/uuidModify, no linkage (not a differencing image).
+    Block map at 0x200 as qemu places it (vdi_co_do_create), data from the next 1 MiB
+    boundary after the map as VirtualBox places it (DATA_ALIGN); fresh random
+    uuidCreate/uuidModify, no linkage (not a differencing image).
     """
     blocks = -(-size // BLOCK_SIZE)
     return Header(
@@ -152,7 +157,7 @@ def new_header(size: int, *, fixed: bool, blocks_allocated: int = 0) -> Header:
         u32Version=VERSION_1_1,
         cbHeader=HEADER1PLUS_SIZE, u32Type=TYPE_FIXED if fixed else TYPE_NORMAL, fFlags=0,
         szComment=bytes(256), offBlocks=DEFAULT_OFF_BLOCKS,
-        offData=DEFAULT_OFF_BLOCKS + block_map_bytes(blocks),
+        offData=-(-(DEFAULT_OFF_BLOCKS + block_map_bytes(blocks)) // DATA_ALIGN) * DATA_ALIGN,
         LegacyGeometry=DiskGeometry(cbSector=SECTOR_SIZE), u32Dummy=0, cbDisk=size,
         cbBlock=BLOCK_SIZE, cbBlockExtra=0, cBlocks=blocks,
         cBlocksAllocated=blocks if fixed else blocks_allocated,
