@@ -28,6 +28,8 @@ from . import structs as S
 from .parent import ParentLink
 
 BAT_OFFSET = 3 * S.SECTOR  # after the footer copy and the 1024-byte dynamic header
+#: a block's data starts on a multiple of this (see _block_host)
+DATA_ALIGN = 4096
 #: blocks whose exact sector bitmaps are held in memory before the oldest is written out
 _TRACKED_BLOCKS = 256
 
@@ -184,7 +186,12 @@ class DynamicWriter(_VpcWriter):
         """Host offset of block ``index``'s data, allocating the block if it is new."""
         entry = int(self.bat[index])
         if entry == S.BAT_UNUSED:
-            at = self.next_block
+            # the bitmap goes where the data after it starts on a 4 KiB boundary: page
+            # cache pages and file-system blocks then line up with the data, and copies
+            # into it pay for no partial pages (the gap before is a hole; the BAT entry
+            # may be any sector, spec "Block Allocation Table")
+            at = -(-(self.next_block + self.bitmap_size) // DATA_ALIGN) * DATA_ALIGN \
+                - self.bitmap_size
             if at // S.SECTOR > 0xFFFFFFFE:
                 raise OutputError(f"{self.path}: the VHD file would exceed what its "
                                   "32-bit sector offsets can address")
