@@ -49,6 +49,8 @@ _HOST_LIMIT = 1 << 56
 #: is allocated, bits 32-63 that it reads as zeros
 _ALL_ALLOCATED = (1 << S.EXTL2_SUBCLUSTERS) - 1
 _ALL_ZERO = _ALL_ALLOCATED << S.EXTL2_SUBCLUSTERS
+#: bitmaps that give all subclusters of a cluster one kind
+_WHOLE_CLUSTER = {_ALL_ALLOCATED: _DATA, 0: _UNALLOC, _ALL_ZERO: _ZERO}
 
 #: (start unit, end unit, kind, host offset of the first unit or 0, raw descriptor)
 Run = tuple[int, int, int, int, int]
@@ -387,8 +389,7 @@ class Qcow2Reader(ImageReader):
                 yield u, u + upc, _COMPRESSED, 0, std
                 continue
             off = std & S.L2E_OFFSET_MASK
-            whole = {_ALL_ALLOCATED: _DATA, 0: _UNALLOC, _ALL_ZERO: _ZERO}.get(
-                bitmap & (_ALL_ZERO | _ALL_ALLOCATED))
+            whole = _WHOLE_CLUSTER.get(bitmap)
             if whole is not None and (off or whole != _DATA):
                 yield u, u + upc, whole, off, std
                 continue
