@@ -15,8 +15,10 @@ pass over the table, leaving the table itself as it was).
 
 from __future__ import annotations
 
+import re
 import sys
 from array import array
+from collections.abc import Iterator
 from typing import Literal
 
 Order = Literal["little", "big"]
@@ -202,6 +204,46 @@ def pack_bits(flags: bytes | bytearray, bitorder: Order) -> bytes:
         packed |= int.from_bytes(flags[j::8], "big") << (7 - j if bitorder == "big" else j)
     return packed.to_bytes(len(flags) // 8, "big")
 
+
+def bit_runs(bitmap: bytes, first: int, last: int,
+             bitorder: Order) -> Iterator[tuple[int, int, bool]]:
+    """``(start, end, set)`` for the runs of equal bits ``[first, last)`` of a bitmap
+    (a VHD or VHDX sector bitmap): bit n is in byte n // 8, its least significant bit
+    first with ``bitorder`` "little", its most significant first with "big".
+
+    The bitmap stays packed (a "big" one is bit-reversed per byte first, one C pass): a
+    run's end is found inside its first byte by bit arithmetic, else by searching for
+    the first whole byte that is not all clear (or all set), in C.
+    """
+    if bitorder == "big":
+        bitmap = bitmap.translate(_REVERSED)
+    end_byte = -(-last // 8)
+    i = first
+    while i < last:
+        at = i >> 3
+        value = bitmap[at] >> (i & 7) & 1
+        fill = 0xFF if value else 0
+        differ = (bitmap[at] ^ fill) >> (i & 7)  # bits from i on that end the run
+        if differ:
+            j = i + _lowest_bit(differ)
+        else:
+            found = _OTHER_BYTE[value].search(bitmap, at + 1, end_byte)
+            j = last if found is None else \
+                8 * found.start() + _lowest_bit(bitmap[found.start()] ^ fill)
+        j = min(j, last)
+        yield i, j, bool(value)
+        i = j
+
+
+def _lowest_bit(x: int) -> int:
+    """The position of the lowest set bit of ``x`` (> 0)."""
+    return (x & -x).bit_length() - 1
+
+
+#: _OTHER_BYTE[v] finds the first byte of a bitmap that is not all v bits
+_OTHER_BYTE = [re.compile(b"[^\\x00]"), re.compile(b"[^\\xff]")]
+#: each byte with its bits in reverse order
+_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 #: _BIT[s][b] is bit s of byte b
 _BIT = [bytes((b >> s) & 1 for b in range(256)) for s in range(8)]

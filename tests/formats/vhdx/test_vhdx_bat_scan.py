@@ -329,7 +329,10 @@ def test_bit_runs_follow_the_bits(data):
             want[-1][1] = n + 1
         else:
             want.append([n, n + 1, value])
-    assert [list(run) for run in B.bit_runs(bitmap, first, last)] == want
+    assert [list(run) for run in tables.bit_runs(bitmap, first, last, "little")] == want
+    # the same bits, most significant first in each byte (a VHD sector bitmap)
+    flipped = bytes(int(f"{b:08b}"[::-1], 2) for b in bitmap)
+    assert [list(run) for run in tables.bit_runs(flipped, first, last, "big")] == want
 
 
 def test_state_runs_over_millions_of_entries():

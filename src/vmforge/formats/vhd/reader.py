@@ -14,7 +14,6 @@ equal bytes, so opening a VHD to convert or map it does not pay numpy's import.
 
 from __future__ import annotations
 
-import re
 import struct
 import threading
 import uuid
@@ -39,7 +38,6 @@ MAX_BAT_BYTES = 256 << 20
 #: sector bitmaps of differencing blocks kept decoded (runs), per reader
 _BITMAP_CACHE = 64
 #: a run of sectors present (bit set) or absent, in a bitmap unpacked one byte a bit
-_BIT_RUN = re.compile(rb"\x00+|\x01+")
 #: the BAT's one sentinel: "Block Allocation Table", an unused entry
 _GAPS = (S.BAT_UNUSED,)
 
@@ -280,10 +278,8 @@ class VpcReader(ImageReader):
                 return found
         sectors = self.block_size // S.SECTOR
         raw = self.host.pread(entry * S.SECTOR, -(-sectors // 8))
-        # one byte (0 or 1) a sector; each run of equal bytes is found by the regex engine
-        bits = tables.unpack_bits(raw, "big")[:sectors]
-        found = [(m.start() * S.SECTOR, m.end() * S.SECTOR, bits[m.start()] == 1)
-                 for m in _BIT_RUN.finditer(bits)]
+        found = [(a * S.SECTOR, b * S.SECTOR, present)
+                 for a, b, present in tables.bit_runs(raw, 0, sectors, "big")]
         with self._lock:
             self._bitmaps[entry] = found
             if len(self._bitmaps) > _BITMAP_CACHE:

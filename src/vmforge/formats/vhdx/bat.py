@@ -90,40 +90,5 @@ def contiguous_runs(table: array[int], first: int, last: int,
         i = j
 
 
-def bit_runs(bitmap: bytes, first: int, last: int) -> Iterator[tuple[int, int, bool]]:
-    """``(start, end, set)`` for the runs of equal bits ``[first, last)`` of a sector
-    bitmap; bit n is bit n % 8 of byte n // 8, least significant first (2.4.2).
-
-    The bitmap stays packed: a run's end is found inside its first byte by bit
-    arithmetic, else by searching for the first whole byte that is not all clear (or
-    all set), in C.
-    """
-    end_byte = -(-last // 8)
-    i = first
-    while i < last:
-        at = i >> 3
-        value = bitmap[at] >> (i & 7) & 1
-        fill = 0xFF if value else 0
-        differ = (bitmap[at] ^ fill) >> (i & 7)  # bits from i on that end the run
-        if differ:
-            j = i + _lowest_bit(differ)
-        else:
-            found = _OTHER_BYTE[value].search(bitmap, at + 1, end_byte)
-            j = last if found is None else \
-                8 * found.start() + _lowest_bit(bitmap[found.start()] ^ fill)
-        j = min(j, last)
-        yield i, j, bool(value)
-        i = j
-
-
-def _lowest_bit(x: int) -> int:
-    """The position of the lowest set bit of ``x`` (> 0)."""
-    return (x & -x).bit_length() - 1
-
-
-#: _OTHER_BYTE[v] finds the first byte of a bitmap that is not all v bits
-_OTHER_BYTE = [re.compile(b"[^\\x00]"), re.compile(b"[^\\xff]")]
-
-
-__all__ = ["bit_runs", "bitmap_entries", "contiguous_runs", "payload_entries",
+__all__ = ["bitmap_entries", "contiguous_runs", "payload_entries",
            "same_end", "state_runs", "states"]

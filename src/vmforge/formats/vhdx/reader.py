@@ -367,7 +367,7 @@ class VhdxReader(ImageReader):
         # sectors of the chunk that [g0, g1) touches
         first = within * spb
         s0, s1 = first + (g0 - blk * bs) // sec, first + -(-(g1 - blk * bs) // sec)
-        for a, b, stored in B.bit_runs(bitmap, s0, s1):
+        for a, b, stored in tables.bit_runs(bitmap, s0, s1, "little"):  # 2.4.2
             e0 = max(g0, blk * bs + (a - first) * sec)
             e1 = min(g1, blk * bs + (b - first) * sec)
             if stored:
