@@ -14,6 +14,7 @@
     │   │   └── TruncatedImage      a structure runs past the end of the file
     │   ├── UnsupportedFeature      a valid image uses a feature vmforge refuses (carries feature)
     │   ├── LimitExceeded           a size or count is beyond what we accept (carries limit)
+    │   ├── ImageReadError          reading the file failed: an I/O error, or it shrank (carries offset)
     │   └── ReadOnlyImage           a write was asked of an image that must not be written
     ├── BackingChainError           a backing chain is broken, loops or is too deep
     ├── OutputError                 the destination cannot be created or written
@@ -138,6 +139,25 @@ class LimitExceeded(ImageError):
     ) -> None:
         super().__init__(message, path=path, hint=hint)
         self.limit = limit
+
+
+class ImageReadError(ImageError):
+    """The operating system could not give back an image's bytes: an I/O error from the
+    storage, or a file that got shorter while it was being read. ``offset`` is where,
+    in the file when known (else in the guest, as the message says)."""
+
+    hint = "check the storage holding the image (the kernel log may say more); nothing was written"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        offset: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.offset = offset
 
 
 class ReadOnlyImage(ImageError):

@@ -128,11 +128,55 @@ def test_file_span_reports_a_source_that_ends_early(tmp_path):
     fd_in = os.open(src, os.O_RDONLY)
     fd_out = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT)
     try:
-        with pytest.raises(OSError, match="ended 1000 bytes early"):
-            pwrite_all(fd_out, FileSpan(fd_in, 1000, 1000), 0)
+        with pytest.raises(vmforge.errors.ImageReadError, match="ends at offset 1000") as err:
+            pwrite_all(fd_out, FileSpan(fd_in, 1000, 1000, str(src)), 0)
+        assert err.value.path == str(src) and err.value.offset == 1000
     finally:
         os.close(fd_in)
         os.close(fd_out)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vdi", "vmdk"])
+def test_a_source_that_shrinks_during_the_copy_is_a_read_error(fmt, pattern_file, tmp_path):
+    """The source file is cut short after the first chunk is written: the copy fails
+    as a read of the source, not as a failed write, and leaves no output behind.
+
+    (These writers take the source's bytes as file spans. Through buffers, a raw source
+    reads its own end as a hole, so the rest converts as zeros, as qemu-img reads it.)"""
+    src = tmp_path / "src.raw"
+    src.write_bytes(pattern_file("random", size=24 * MiB).read_bytes())
+    out = tmp_path / f"out.{fmt}"
+    cut = []
+
+    def shrink_once(done: int, total: int) -> None:
+        if not cut and 0 < done < total:
+            os.truncate(src, MiB)
+            cut.append(done)
+
+    with pytest.raises(vmforge.errors.ImageReadError, match="shrink") as err:
+        vmforge.convert(str(src), str(out), fmt, src_fmt="raw", workers=1, progress=shrink_once)
+    assert cut and err.value.path == str(src)
+    assert not isinstance(err.value, vmforge.errors.OutputError)
+    assert not out.exists() and os.listdir(tmp_path) == ["src.raw"]
+
+
+def test_an_io_error_on_the_source_is_reported_as_a_read(pattern_file, tmp_path, monkeypatch):
+    """EIO from the disk under the source (injected at the system call: a failing
+    sector cannot be made on demand here) is named as a read of the source."""
+    src = pattern_file("random", size=8 * MiB)
+    out = tmp_path / "out.vhd"  # a writer fed from buffers, so the data is read with preadv
+    real = os.preadv
+
+    def failing(fd, buffers, offset, *rest):
+        if sum(len(b) for b in buffers) >= MiB:  # the copy's data reads, not header probes
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(os, "preadv", failing)
+    with pytest.raises(vmforge.errors.ImageReadError, match="Input/output error") as err:
+        vmforge.convert(str(src), str(out), "vpc", src_fmt="raw")
+    assert err.value.path == str(src)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("fmt,extra", [("qcow2", []), ("qcow2", ["-c"]), ("vhdx", []),

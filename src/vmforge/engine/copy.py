@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from ..errors import ImageReadError
 from ..model import Extent, ExtentKind
 from ..util.fileio import FileSpan
 from .chain import Chain
@@ -50,6 +51,7 @@ class Source(Protocol):
     """What the pipeline copies from: extents plus a way to get bytes (one reader per thread)."""
 
     virtual_size: int
+    name: str  # what messages call the source (its top file's path)
 
     def iter_extents(self, start: int, length: int) -> Iterator[Extent]: ...
 
@@ -65,6 +67,7 @@ class ChainSource:
         self.chain = chain
         self.max_depth = max_depth
         self.virtual_size = chain.virtual_size
+        self.name = chain.top.path
 
     def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
         return self.chain.iter_extents(start, length, max_depth=self.max_depth)
@@ -87,6 +90,7 @@ class ConcatSource:
             self.starts.append(pos)
             pos += p.virtual_size
         self.virtual_size = pos
+        self.name = " + ".join(p.name for p in parts)
 
     def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
         end = start + length
@@ -197,7 +201,7 @@ class _Chunk:
     runs: list[tuple[int, int, bool]]  # (offset, length, is_zero), in order
     data: mmap.mmap | None  # the pooled buffer holding the bytes (None: see ``span``)
     compressed: list[tuple[int, bytes | None]] | None = None  # per unit when compressing
-    span: tuple[int, int] | None = None  # (fd, host offset) of bytes left in the source file
+    span: tuple[int, int, str] | None = None  # (fd, host offset, path): bytes left in a source file
 
 
 def _absorb_short_zero_runs(runs: list[tuple[int, int, bool]],
@@ -322,6 +326,16 @@ def copy(
             compress_runs(chunk, data)
 
     def work(offset: int, length: int) -> _Chunk:
+        try:
+            return read_chunk(offset, length)
+        except OSError as err:
+            # said here, where it is known to be a read: the writer's caller would call
+            # any OSError a failed write
+            raise ImageReadError(f"reading guest bytes at offset {offset} failed: "
+                                 f"{err.strerror or err}", path=source.name,
+                                 offset=offset) from err
+
+    def read_chunk(offset: int, length: int) -> _Chunk:
         reader = local.get()
         located = None
         if verbatim_ok:
@@ -330,7 +344,7 @@ def copy(
         chunk = _Chunk(offset, length, [(offset, length, False)], None)
         if located is not None:
             host, host_offset = located
-            chunk.span = (host.fd, host_offset)
+            chunk.span = (host.fd, host_offset, host.path)
             if sparse:
                 runs = probe_zero_runs(host.fd, host_offset, length, g, offset)
                 chunk.runs = _absorb_short_zero_runs(runs, sparse_size)
@@ -421,7 +435,8 @@ def _store(writer: Any, chunk: _Chunk, explicit_zeroes: bool, stats: CopyStats, 
         assert chunk.data is not None
         view = memoryview(chunk.data)
     else:  # still in the source file: the writer hands it to pwrite_all, a kernel copy
-        view = FileSpan(chunk.span[0], chunk.span[1], chunk.length)
+        fd, host_offset, path = chunk.span
+        view = FileSpan(fd, host_offset, chunk.length, path)
     if chunk.compressed is not None:
         for unit_off, packed in chunk.compressed:
             if packed is not None:

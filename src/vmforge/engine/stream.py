@@ -21,6 +21,7 @@ class HostFileLike(Protocol):
 
     fd: int
     size: int
+    path: str
 
 
 class ExtentStream:

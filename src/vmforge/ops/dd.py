@@ -25,6 +25,7 @@ class WindowSource:
         self.inner = inner
         self.offset = offset
         self.virtual_size = length
+        self.name = inner.name
 
     def iter_extents(self, start: int, length: int) -> Iterator[Extent]:
         for ext in self.inner.iter_extents(self.offset + start, length):

@@ -7,6 +7,8 @@ import errno
 import os
 from dataclasses import dataclass
 
+from ..errors import ImageReadError
+
 FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -37,6 +39,7 @@ class FileSpan:
     fd: int
     offset: int
     length: int
+    path: str = ""  # the source file's name, for messages
 
     def __len__(self) -> int:
         return self.length
@@ -45,13 +48,13 @@ class FileSpan:
         start, stop, step = key.indices(self.length)
         if step != 1:
             raise ValueError("file spans slice contiguously")
-        return FileSpan(self.fd, self.offset + start, max(0, stop - start))
+        return FileSpan(self.fd, self.offset + start, max(0, stop - start), self.path)
 
     def tobytes(self) -> bytes:
         """The bytes themselves, for the rare writer path that must edit them."""
         data = os.pread(self.fd, self.length, self.offset)
         if len(data) != self.length:
-            raise OSError(errno.EIO, f"source file ended {self.length - len(data)} bytes early")
+            raise _ended_early(self.path, self.offset + len(data))
         return data
 
 
@@ -100,13 +103,18 @@ def _copy_span(fd: int, span: FileSpan, offset: int) -> None:
                 _copy_range_works = False  # the kernel or file system never will
             break
         if n == 0:
-            raise OSError(errno.EIO, f"source file ended {length} bytes early")
+            raise _ended_early(span.path, src)
         src, offset, length = src + n, offset + n, length - n
     while length:  # the portable way: through a buffer, in write-sized pieces
         n = min(length, WRITE_PIECE)
-        piece = FileSpan(span.fd, src, n).tobytes()
+        piece = FileSpan(span.fd, src, n, span.path).tobytes()
         pwrite_all(fd, piece, offset)
         src, offset, length = src + n, offset + n, length - n
+
+
+def _ended_early(path: str, offset: int) -> ImageReadError:
+    return ImageReadError(f"the file ends at offset {offset}, inside data being copied "
+                          "(did it shrink while being read?)", path=path or None, offset=offset)
 
 
 def pwrite_all(fd: int, data: WriteData, offset: int) -> None:
