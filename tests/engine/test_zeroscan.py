@@ -4,8 +4,7 @@ A block is zero when every byte is; runs are maximal and alternate. The buffers 
 blocks that take each path of the scan: data that starts with a non-zero word, data that
 starts with zeros (compared whole), zero runs of many lengths, a short last block, and
 enough blocks that start with zeros yet hold data to switch to the block-by-block
-bound. The stdlib scan and the numpy one (taken for small blocks when numpy is loaded)
-must both give the definition's answer, and so must the file probe.
+bound. The scan must give the definition's answer, and so must the file probe.
 """
 
 from __future__ import annotations
@@ -57,14 +56,8 @@ CASES = [  # (block size, blocks, (zero, data, hidden) weights)
 ]
 
 
-@pytest.fixture(params=["stdlib", "numpy"])
-def scan(request, monkeypatch):
-    """zero_runs forced down one path: numpy for every block size, or never."""
-    if request.param == "numpy":
-        pytest.importorskip("numpy")
-        monkeypatch.setattr(zeroscan, "NUMPY_BELOW", 1 << 30)
-    else:
-        monkeypatch.setattr(zeroscan, "NUMPY_BELOW", 0)
+@pytest.fixture
+def scan():
     return zeroscan.zero_runs
 
 
@@ -96,8 +89,7 @@ def test_blocks_hiding_data_past_a_zero_word_hit_the_bound(monkeypatch, scan):
     blocks[-40:-30] = [bytes(g)] * 10  # zero blocks after the switch
     data = b"".join(blocks)
     assert scan(data, len(data), g, 0) == reference(data, g, 0)
-    if zeroscan.NUMPY_BELOW == 0:  # the stdlib scan took its bound: one zero run galloped
-        assert len(calls) == 1
+    assert len(calls) == 1  # the scan took its bound: one zero run galloped
 
 
 def test_edges(scan):

@@ -2,28 +2,25 @@
 all zero, as runs ``(offset, length, is_zero)`` of whole blocks (the last may be short).
 
 Only C-speed operations look at the bytes (memcmp through ``bytes.startswith``, strided
-memoryview copies, ``find``) and Python steps once per run, never per byte, so the
-command line does not import numpy (~0.1 s) to convert. Measured on issue 5's 2 GiB
+memoryview copies, ``find``) and Python steps once per run, never per byte, so
+converting never imports numpy (~0.1 s of start-up). Measured on issue 5's 2 GiB
 disks (bench/.cache, data in 4 MiB chunks, scan time only): from 4 KiB blocks on this
 is as fast as numpy or faster (64 KiB blocks of the OS disk: 0.008 against 0.02 s); on
 512-byte blocks, where each of the many short zero runs costs Python steps, it takes
 about twice numpy's time (OS disk 0.21 against 0.11 s, mixed disk 0.06 against
-0.03 s). So for blocks under 4 KiB numpy is used when a reader or writer has loaded it
-anyway (most formats keep their tables in numpy arrays); raw -> raw, which needs no
-numpy otherwise, scans without it and saves the import.
+0.03 s), still well under the copy's own time. (A numpy variant for small blocks,
+used when numpy happened to be loaded, was dropped once no reader loaded it: it only
+made the API and the command line scan differently.)
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from itertools import groupby
 from typing import Any
 
 Runs = list[tuple[int, int, bool]]
 
-#: blocks smaller than this are scanned by numpy when numpy is already loaded
-NUMPY_BELOW = 4096
 #: the size of the zero buffer made at first use (the copy engine's chunk)
 _ZEROS_MIN = 4 << 20
 #: per block, the scan gathers its first word followed by 8 non-zero bytes: 8 zero bytes
@@ -59,8 +56,6 @@ def zero_runs(buf: Any, length: int, g: int, base: int) -> Runs:
     blocks); the others are compared with zeros, a zero run growing by doubling steps.
     """
     assert g % 8 == 0, "granularities are whole sectors"
-    if g < NUMPY_BELOW and "numpy" in sys.modules:
-        return _numpy_zero_runs(buf, length, g, base)
     full = length - length % g
     blocks = full // g
     zeros = zero_bytes(length)
@@ -169,26 +164,3 @@ def probe_zero_runs(fd: int, host_offset: int, length: int, g: int, base: int) -
         start = end
     return runs
 
-
-def _numpy_zero_runs(buf: Any, length: int, g: int, base: int) -> Runs:
-    """``zero_runs`` with numpy, for small blocks when numpy is loaded anyway."""
-    import numpy as np
-
-    full, tail = divmod(length, g)
-    nonzero = np.zeros(0, dtype=bool)
-    if full:
-        arr = np.frombuffer(buf, dtype=np.uint64, count=full * g // 8).reshape(full, g // 8)
-        # A block whose first word is not zero is data, decided without scanning the
-        # rest; only blocks that start with zeros are scanned whole. max() stays in
-        # integers, where any() would first cast every word to bool (twice as slow).
-        nonzero = arr[:, 0] != 0
-        starts_zero = np.flatnonzero(~nonzero)
-        if starts_zero.size:
-            nonzero[starts_zero] = np.asarray(arr[starts_zero].max(axis=1)) != 0
-    if tail:
-        last = np.frombuffer(buf, dtype=np.uint8, count=tail, offset=full * g)
-        nonzero = np.append(nonzero, bool(last.any()))
-    edges = np.flatnonzero(np.diff(nonzero.astype(np.int8))) + 1
-    bounds = [0, *edges.tolist(), len(nonzero)]
-    return [(base + a * g, min(b * g, length) - a * g, not bool(nonzero[a]))
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True) if a * g < length]
