@@ -16,7 +16,14 @@ import pytest
 
 import vmforge
 from tests.data.qemu import check_json, qemu_img, qemu_img_json
-from tests.helpers import assert_clean_error, map_classes, run_vmforge, sha256, vmforge_ok
+from tests.helpers import (
+    assert_clean_error,
+    map_classes,
+    run_vmforge,
+    run_vmforge_inprocess,
+    sha256,
+    vmforge_ok,
+)
 from vmforge.util import fileio
 from vmforge.util.fileio import FileSpan, pwrite_all
 
@@ -177,6 +184,11 @@ def test_an_io_error_on_the_source_is_reported_as_a_read(pattern_file, tmp_path,
         vmforge.convert(str(src), str(out), "vpc", src_fmt="raw")
     assert err.value.path == str(src)
     assert not out.exists()
+    # the command line's one line names the source and the read (in this process, where
+    # the injected error applies)
+    proc = run_vmforge_inprocess("convert", "-f", "raw", "-O", "vpc", src, out)
+    assert_clean_error(proc, contains=f"{src}: reading guest bytes at offset 0 failed")
+    assert "write failed" not in proc.stderr and not out.exists()
 
 
 @pytest.mark.parametrize("fmt,extra", [("qcow2", []), ("qcow2", ["-c"]), ("vhdx", []),
