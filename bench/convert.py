@@ -371,9 +371,10 @@ def build_report(args: argparse.Namespace, results: dict[str, Result],
                     "columns after it are each tool's time above it: start-up (qemu-img ~0.01 "
                     "s, vmforge ~0.09 s), finding zero blocks, format metadata, and how the "
                     "writes are cut up."
-                    + (" The OS image's file also holds ~65 MB of allocated zero blocks that "
-                       "both converters skip and the floor copies, so there the floor is a "
-                       "little high."
+                    + (" On the OS image it is not a floor: both converters can finish below "
+                       "it. Its file holds ~66 MB of allocated zero blocks that they skip and "
+                       "floor.py copies, but that is 5 % of the data and does not explain the "
+                       "rest; read it there as a reference."
                        if group == "os" else "")
                     + "\n\n"
                     + report.floor_table(members))
