@@ -146,7 +146,7 @@ class ImageReadError(ImageError):
     storage, or a file that got shorter while it was being read. ``offset`` is where,
     in the file when known (else in the guest, as the message says)."""
 
-    hint = "check the storage holding the image (the kernel log may say more); nothing was written"
+    hint = "check the storage holding the image (the kernel log may say more)"
 
     def __init__(
         self,
