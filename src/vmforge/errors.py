@@ -5,7 +5,7 @@
     VmforgeError                    base of everything vmforge raises on purpose
     ├── UsageError                  the caller asked for something that makes no sense
     │   └── OptionError             a -o option is unknown, malformed or not allowed here
-    ├── ImageError                  something about an image file (carries path)
+    ├── ImageError                  something about an image file (carries path, and offset where known)
     │   ├── ImageNotFound           the file does not exist or cannot be opened
     │   ├── UnknownFormat           no format recognises the file
     │   ├── AmbiguousFormat         more than one format claims the file (polyglot)
@@ -60,12 +60,19 @@ class OptionError(UsageError):
 
 
 class ImageError(VmforgeError):
-    """Something is wrong with an image file; ``path`` names it."""
+    """Something is wrong with an image file; ``path`` names it, and ``offset`` says
+    where in it, when known."""
 
     def __init__(
-        self, message: str, *, path: str | Path | None = None, hint: str | None = None
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        offset: int | None = None,
+        hint: str | None = None,
     ) -> None:
         self.path = str(path) if path is not None else None
+        self.offset = offset
         if self.path and not message.startswith(self.path):
             message = f"{self.path}: {message}"
         super().__init__(message, hint=hint)
@@ -91,17 +98,6 @@ class CorruptImage(ImageError):
     """Metadata that cannot be right; ``offset`` is where it was found, if known."""
 
     hint = "run 'vmforge check' on it; do not write to it"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | Path | None = None,
-        offset: int | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(message, path=path, hint=hint)
-        self.offset = offset
 
 
 class TruncatedImage(CorruptImage):
@@ -147,17 +143,6 @@ class ImageReadError(ImageError):
     in the file when known (else in the guest, as the message says)."""
 
     hint = "check the storage holding the image (the kernel log may say more)"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | Path | None = None,
-        offset: int | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(message, path=path, hint=hint)
-        self.offset = offset
 
 
 class ReadOnlyImage(ImageError):
